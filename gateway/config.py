@@ -1,0 +1,324 @@
+"""Configuration: defaults -> YAML file -> OPENHQM_ environment overrides -> validate().
+
+Parsed once into frozen dataclasses; nothing downstream reads raw dicts.
+
+- The file is YAML. ``${VAR}`` and ``${VAR:-default}`` in string values are expanded from
+  the environment (keep secrets out of the file this way).
+- Environment variables ``OPENHQM_<SECTION>__<KEY>[__<KEY>...]`` override the file;
+  ``__`` is the nesting delimiter and names are case-insensitive:
+  ``OPENHQM_QUEUE__TYPE=redis``, ``OPENHQM_QUEUE__REDIS_URL=redis://...``,
+  ``OPENHQM_INGRESS__PORT=1884``. Lists and mappings take JSON (``'["a","b"]'``);
+  plain lists also take "a,b". ``OPENHQM_CONFIG`` names the file and is not a key.
+- The ``queue:`` section is the seed's: ``type`` plus the common names
+  (``request_queue_name``, ``response_queue_name``, ``dlq_name``) plus the chosen backend's
+  own keys, flat, exactly as the seed document writes them. The backend's keys are parsed
+  into its settings dataclass (``config.queue.settings``).
+- Unknown keys and wrong types raise ConfigError naming the key, the value and the source.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal
+
+import yaml
+
+from gateway.errors import ConfigError
+from gateway.queue.registry import settings_class
+from gateway.settings import DURATION, SIZE, parse_dataclass, parse_value, secret, to_plain
+
+DEFAULT_CONFIG_PATH = "/etc/openhqm-gateway/gateway.yaml"
+ENV_PREFIX = "OPENHQM_"
+ENV_CONFIG_PATH = "OPENHQM_CONFIG"
+
+
+@dataclass(frozen=True, slots=True)
+class GatewaySection:
+    #: this gateway's name; goes into client ids and consumer names. '' = the host name
+    id: str = ""
+    #: where the store and other state live
+    state_dir: str = "/var/lib/openhqm-gateway"
+
+
+@dataclass(frozen=True, slots=True)
+class TlsConfig:
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    key_password: str | None = secret(None)
+    #: skip certificate verification (testing only)
+    insecure: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Subscription:
+    topic: str
+    qos: Literal[0, 1, 2] = 1
+
+
+@dataclass(frozen=True, slots=True)
+class IngressConfig:
+    host: str = "127.0.0.1"
+    port: int = 1883
+    #: '' = "openhqm-gateway-<gateway.id>"; must be stable so the broker keeps the session
+    client_id: str = ""
+    username: str | None = None
+    password: str | None = secret(None)
+    tls: TlsConfig | None = None
+    protocol: Literal["5", "3.1.1"] = "5"
+    subscriptions: list[Subscription] = field(
+        default_factory=lambda: [Subscription("sensors/#", 1)]
+    )
+    max_message_bytes: Annotated[int, SIZE] = 256 * 1024
+    #: how long the broker keeps the session (and queued messages) while we are away
+    session_expiry: Annotated[float, DURATION] = 7 * 86400.0
+    #: MQTT 5 receive maximum: unacknowledged QoS 1/2 messages in flight towards us
+    receive_maximum: int = 2000
+    keepalive: Annotated[float, DURATION] = 30.0
+    reconnect_min_delay: Annotated[float, DURATION] = 0.5
+    reconnect_max_delay: Annotated[float, DURATION] = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class StoreConfig:
+    #: '' = <gateway.state_dir>/store.db
+    path: str = ""
+    durability: Literal["full", "normal"] = "full"
+    commit_interval_ms: int = 20
+    commit_batch_size: int = 2000
+    max_bytes: Annotated[int, SIZE] = 512 * 1024**2
+    max_messages: int = 2_000_000
+    max_age: Annotated[float, DURATION] = 7 * 86400.0
+    when_full: Literal["drop_oldest", "reject_new"] = "drop_oldest"
+    lease: Annotated[float, DURATION] = 60.0
+    max_attempts: int = 10
+    dead_letter_max_messages: int = 100_000
+    #: SQLite max_page_count: a hard cap on the file (0 = none). Mostly for tests.
+    max_page_count: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    #: MQTT topic filter (+ and # wildcards)
+    topic: str
+    #: stream / topic / queue name at the uplink
+    destination: str
+
+
+@dataclass(frozen=True, slots=True)
+class ForwarderConfig:
+    batch_size: int = 500
+    #: upper bound on messages per second sent to the uplink; 0 = as fast as it accepts
+    max_rate: float = 0.0
+    retry_min_delay: Annotated[float, DURATION] = 0.5
+    retry_max_delay: Annotated[float, DURATION] = 60.0
+    #: one publish_batch call longer than this counts as the uplink being unavailable
+    publish_timeout: Annotated[float, DURATION] = 30.0
+    routes: list[Route] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class QueueConfig:
+    type: str = "redis"
+    request_queue_name: str = "openhqm-requests"
+    response_queue_name: str = "openhqm-responses"
+    dlq_name: str = "openhqm-dlq"
+    #: the backend's own keys, as its settings dataclass
+    settings: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class LoggingConfig:
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["text", "json"] = "text"
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    gateway: GatewaySection = field(default_factory=GatewaySection)
+    ingress: IngressConfig = field(default_factory=IngressConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    forwarder: ForwarderConfig = field(default_factory=ForwarderConfig)
+    queue: QueueConfig = field(default_factory=QueueConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    #: where the config came from, for error messages
+    source: str = "<defaults>"
+
+    @property
+    def gateway_id(self) -> str:
+        return self.gateway.id or socket.gethostname()
+
+    @property
+    def store_path(self) -> str:
+        return self.store.path or os.path.join(self.gateway.state_dir, "store.db")
+
+    @property
+    def ingress_client_id(self) -> str:
+        return self.ingress.client_id or f"openhqm-gateway-{self.gateway_id}"
+
+
+_QUEUE_COMMON = {"type", "request_queue_name", "response_queue_name", "dlq_name"}
+_TOP_LEVEL = {"gateway", "ingress", "store", "forwarder", "queue", "logging"}
+
+
+def load_config(path: str | None, environ: Mapping[str, str] | None = None) -> Config:
+    """Read, override, parse and validate. ``path=None`` means defaults and env only."""
+    env = os.environ if environ is None else environ
+    raw: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        raw = _read_yaml(path, env)
+        source = path
+    _apply_env(raw, env)
+    if any(k.startswith(ENV_PREFIX) and k != ENV_CONFIG_PATH for k in env):
+        source = f"{source} + environment"
+    return parse_config(raw, source)
+
+
+def _read_yaml(path: str, env: Mapping[str, str]) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+    except OSError as exc:
+        raise ConfigError("--config", path, f"cannot read the file: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError("<file>", path, f"not valid YAML: {exc}", path) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError("<root>", type(data).__name__, "the file must hold a mapping", path)
+    expanded: dict[str, Any] = _expand(data, env, "", path)
+    return expanded
+
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _expand(value: Any, env: Mapping[str, str], key: str, source: str) -> Any:
+    if isinstance(value, dict):
+        return {k: _expand(v, env, f"{key}.{k}" if key else str(k), source) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand(v, env, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if isinstance(value, str) and "${" in value:
+        def sub(match: re.Match[str]) -> str:
+            name, default = match.group(1), match.group(2)
+            if name in env:
+                return env[name]
+            if default is not None:
+                return default
+            raise ConfigError(key, value, f"environment variable {name} is not set", source)
+        return _VAR.sub(sub, value)
+    return value
+
+
+def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> None:
+    for name, value in sorted(env.items()):
+        if not name.startswith(ENV_PREFIX) or name == ENV_CONFIG_PATH:
+            continue
+        parts = [p.lower() for p in name[len(ENV_PREFIX):].split("__")]
+        if not all(parts) or parts[0] not in _TOP_LEVEL:
+            known = ", ".join(f"{ENV_PREFIX}{s.upper()}__..." for s in sorted(_TOP_LEVEL))
+            raise ConfigError(name, value, f"not a config variable; expected one of {known}",
+                              "environment")
+        node = raw
+        for part in parts[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {}
+                node[part] = child
+            node = child
+        node[parts[-1]] = value
+
+
+def parse_config(raw: Mapping[str, Any], source: str) -> Config:
+    for key in raw:
+        if key not in _TOP_LEVEL:
+            raise ConfigError(str(key), raw[key],
+                              f"unknown section; known sections: {', '.join(sorted(_TOP_LEVEL))}",
+                              source)
+    sections = {k: v for k, v in raw.items() if k != "queue"}
+    cfg = parse_dataclass(Config, {**sections, "source": source}, "", source)
+    queue = _parse_queue(raw.get("queue") or {}, source)
+    cfg = Config(cfg.gateway, cfg.ingress, cfg.store, cfg.forwarder, queue, cfg.logging, source)
+    validate(cfg)
+    return cfg
+
+
+def _parse_queue(raw: Any, source: str) -> QueueConfig:
+    if not isinstance(raw, Mapping):
+        raise ConfigError("queue", raw, "expected a mapping of keys", source)
+    type_name = parse_value(str, raw.get("type", "redis"), "queue.type", source)
+    settings_cls = settings_class(type_name, source)
+    common = {k: v for k, v in raw.items() if k in _QUEUE_COMMON and k != "type"}
+    own = {k: v for k, v in raw.items() if k not in _QUEUE_COMMON}
+    base = parse_dataclass(QueueConfig, common, "queue", source)
+    settings = parse_dataclass(settings_cls, own, "queue", source)
+    return QueueConfig(type_name, base.request_queue_name, base.response_queue_name,
+                       base.dlq_name, settings)
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks that types alone cannot express."""
+    src = cfg.source
+    ing, st, fw = cfg.ingress, cfg.store, cfg.forwarder
+    _check(1 <= ing.port <= 65535, "ingress.port", ing.port, "must be 1..65535", src)
+    _check(bool(ing.subscriptions), "ingress.subscriptions", [], "needs at least one topic", src)
+    for i, sub in enumerate(ing.subscriptions):
+        _check(_valid_filter(sub.topic), f"ingress.subscriptions[{i}].topic", sub.topic,
+               "not a valid MQTT topic filter", src)
+    for i, route in enumerate(fw.routes):
+        _check(_valid_filter(route.topic), f"forwarder.routes[{i}].topic", route.topic,
+               "not a valid MQTT topic filter", src)
+        _check(bool(route.destination), f"forwarder.routes[{i}].destination", "",
+               "must not be empty", src)
+    _check(1 <= ing.receive_maximum <= 65535, "ingress.receive_maximum", ing.receive_maximum,
+           "must be 1..65535", src)
+    _check(ing.max_message_bytes > 0, "ingress.max_message_bytes", ing.max_message_bytes,
+           "must be positive", src)
+    _check(st.commit_interval_ms >= 0, "store.commit_interval_ms", st.commit_interval_ms,
+           "must not be negative", src)
+    _check(st.commit_batch_size >= 1, "store.commit_batch_size", st.commit_batch_size,
+           "must be at least 1", src)
+    _check(st.max_messages >= 1, "store.max_messages", st.max_messages, "must be at least 1", src)
+    _check(st.max_bytes >= 1024, "store.max_bytes", st.max_bytes, "must be at least 1KB", src)
+    _check(st.max_attempts >= 1, "store.max_attempts", st.max_attempts, "must be at least 1", src)
+    _check(st.lease > 0, "store.lease", st.lease, "must be positive", src)
+    _check(fw.batch_size >= 1, "forwarder.batch_size", fw.batch_size, "must be at least 1", src)
+    _check(fw.max_rate >= 0, "forwarder.max_rate", fw.max_rate, "must not be negative", src)
+    _check(fw.retry_max_delay >= fw.retry_min_delay, "forwarder.retry_max_delay",
+           fw.retry_max_delay, "must be at least forwarder.retry_min_delay", src)
+    _check(fw.publish_timeout > 0, "forwarder.publish_timeout", fw.publish_timeout,
+           "must be positive", src)
+
+
+def _check(ok: bool, key: str, value: object, reason: str, source: str) -> None:
+    if not ok:
+        raise ConfigError(key, value, reason, source)
+
+
+def _valid_filter(topic: str) -> bool:
+    if not topic or "\0" in topic or len(topic.encode()) > 65535:
+        return False
+    levels = topic.split("/")
+    for i, level in enumerate(levels):
+        if "#" in level and (level != "#" or i != len(levels) - 1):
+            return False
+        if "+" in level and level != "+":
+            return False
+    return True
+
+
+def effective_config(cfg: Config) -> dict[str, Any]:
+    """The config as plain data with secrets masked, queue flattened as in the file."""
+    plain: dict[str, Any] = to_plain(cfg, mask=True)
+    queue = plain.pop("queue")
+    settings = queue.pop("settings") or {}
+    plain["queue"] = {**queue, **settings}
+    plain.pop("source", None)
+    return plain

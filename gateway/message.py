@@ -1,0 +1,69 @@
+"""QueueMessage, the one message shape every backend speaks, and the message id scheme.
+
+A message id is assigned once, when the gateway first accepts a message, and never changes:
+the same id travels with every retry to every backend (as a header, attribute or property),
+so cloud consumers can deduplicate what at-least-once delivery repeats.
+
+Ids are 32 lowercase hex characters: 48 bits of milliseconds since the epoch followed by
+80 random bits. They sort by creation time and collide with negligible probability.
+
+Bodies are bytes. The seed describes ``body`` as a dict; an MQTT payload can be JSON, text,
+binary or empty, so the gateway stores and forwards the exact bytes and offers ``json()``
+for callers that know the body is JSON. ``encode_body`` turns a dict/list/str into bytes.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+# Attribute names the gateway sets on every message it forwards.
+ATTR_MESSAGE_ID = "openhqm_message_id"
+ATTR_MQTT_TOPIC = "mqtt_topic"
+ATTR_MQTT_QOS = "mqtt_qos"
+ATTR_CONTENT_TYPE = "content_type"
+
+
+def new_message_id(now: float | None = None) -> str:
+    millis = int((time.time() if now is None else now) * 1000) & 0xFFFF_FFFF_FFFF
+    return f"{millis:012x}{os.urandom(10).hex()}"
+
+
+Body = bytes | bytearray | memoryview | str | Mapping[str, Any] | list[Any] | None
+
+
+def encode_body(body: Body) -> bytes:
+    """Bytes pass through unchanged; str is UTF-8; mappings and lists become JSON."""
+    if body is None:
+        return b""
+    if isinstance(body, bytes):
+        return body
+    if isinstance(body, bytearray | memoryview):
+        return bytes(body)
+    if isinstance(body, str):
+        return body.encode("utf-8")
+    return orjson.dumps(body)
+
+
+@dataclass(slots=True)
+class QueueMessage:
+    id: str
+    body: bytes
+    attributes: dict[str, str] = field(default_factory=dict)
+    timestamp: float = 0.0
+    retry_count: int = 0
+    raw_message: Any | None = None
+
+    def json(self) -> Any:
+        """The body decoded as JSON; raises ValueError when it is not JSON."""
+        return orjson.loads(self.body)
+
+    @property
+    def topic(self) -> str:
+        """The MQTT topic the message arrived on, or '' when it did not come from MQTT."""
+        return self.attributes.get(ATTR_MQTT_TOPIC, "")

@@ -1,0 +1,137 @@
+"""MessageQueueInterface: the one abstraction every backend implements.
+
+Semantics every implementation keeps (tests/contract/ checks them against each backend):
+
+- ``connect``/``disconnect`` open and close network resources; constructors do no I/O.
+  Implementations are async context managers (``async with backend: ...``).
+- ``publish`` returns the message id. When the caller passes ``message_id`` (the gateway
+  always does) that id is carried to the backend so consumers can deduplicate; the
+  returned id is the same string. Attributes travel with the message.
+- ``publish_batch`` publishes many messages to one queue and returns one PublishResult per
+  input, in input order. Partial failure is normal: each result carries its own error.
+  When the backend becomes unreachable part-way, the remaining results carry
+  UplinkUnavailable and nothing more is attempted.
+- ``consume`` runs until cancelled: it fetches up to ``batch_size`` messages at a time,
+  waiting up to ``wait_time_seconds`` for them, and awaits ``handler(message)`` for each.
+  A message the handler returns from stays in flight until ``acknowledge`` or ``reject``;
+  a handler that raises has its message rejected with requeue.
+- ``acknowledge(id)`` removes an in-flight message for good; False when no message with
+  that id is in flight for this client.
+- ``reject(id, requeue, reason)`` returns the message to the queue (requeue=True) or moves
+  it to the dead-letter destination with the reason; False when not in flight.
+- ``get_queue_depth`` is the real backlog (messages not yet acknowledged).
+- ``health_check`` answers True only after a real round trip to the backend.
+- ``create_queue``/``delete_queue`` return True when they changed something;
+  ``purge_queue`` returns how many messages it removed.
+
+Anything a backend cannot do raises NotSupportedError; nothing is silently skipped.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Self
+
+from gateway.errors import QueueError, UplinkUnavailable
+from gateway.message import Body, QueueMessage
+
+Handler = Callable[[QueueMessage], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class PublishResult:
+    """The outcome for one message of a batch: ``error`` is None when it was accepted."""
+
+    message_id: str
+    error: QueueError | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+class MessageQueueInterface(ABC):
+    #: the ``queue.type`` name, used in errors and metrics
+    backend_name: str = "abstract"
+
+    @abstractmethod
+    async def connect(self) -> None: ...
+
+    @abstractmethod
+    async def disconnect(self) -> None: ...
+
+    @abstractmethod
+    async def publish(
+        self,
+        queue_name: str,
+        message: Body,
+        priority: int = 0,
+        attributes: dict[str, str] | None = None,
+        delay_seconds: float = 0,
+        *,
+        message_id: str | None = None,
+    ) -> str: ...
+
+    async def publish_batch(
+        self, queue_name: str, messages: Sequence[QueueMessage]
+    ) -> list[PublishResult]:
+        """Loop over ``publish``; backends override this with a real batch call."""
+        results: list[PublishResult] = []
+        for index, msg in enumerate(messages):
+            try:
+                await self.publish(
+                    queue_name, msg.body, attributes=msg.attributes, message_id=msg.id
+                )
+            except UplinkUnavailable as exc:
+                results.extend(PublishResult(m.id, exc) for m in messages[index:])
+                break
+            except QueueError as exc:
+                results.append(PublishResult(msg.id, exc))
+            else:
+                results.append(PublishResult(msg.id))
+        return results
+
+    @abstractmethod
+    async def consume(
+        self,
+        queue_name: str,
+        handler: Handler,
+        batch_size: int = 10,
+        wait_time_seconds: float = 1.0,
+    ) -> None: ...
+
+    @abstractmethod
+    async def acknowledge(self, message_id: str) -> bool: ...
+
+    @abstractmethod
+    async def reject(self, message_id: str, requeue: bool = True, reason: str = "") -> bool: ...
+
+    @abstractmethod
+    async def get_queue_depth(self, queue_name: str) -> int: ...
+
+    @abstractmethod
+    async def health_check(self) -> bool: ...
+
+    @abstractmethod
+    async def create_queue(self, queue_name: str, **kwargs: Any) -> bool: ...
+
+    @abstractmethod
+    async def delete_queue(self, queue_name: str) -> bool: ...
+
+    @abstractmethod
+    async def purge_queue(self, queue_name: str) -> int: ...
+
+    async def __aenter__(self) -> Self:
+        await self.connect()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.disconnect()

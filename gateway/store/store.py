@@ -1,0 +1,280 @@
+"""The async face of the store: group commit, wake-ups and one dedicated SQLite thread.
+
+Promises (on top of the SQL invariants in ``gateway.store.db``):
+
+- ``append`` resolves only after the messages' transaction committed. Concurrent appends
+  are coalesced: while one commit runs, newcomers gather, and the next commit takes them all
+  (up to ``commit_batch_size``). Commits start at most once per ``commit_interval_ms``, which
+  bounds fsyncs per second on an SD card; a message waits at most that interval plus one
+  commit before it is durable.
+- Every SQLite call runs on one thread, in submission order; the event loop never blocks on
+  disk I/O.
+- ``wait_ready`` wakes a consumer when messages are committed or released, or when the
+  earliest delayed/backing-off message falls due; there is no polling loop.
+- The daemon holds an exclusive lock file beside the database, so two gateways never share
+  one store; read-only tools (``status``) need no lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import IO, TypeVar
+
+from gateway.config import StoreConfig
+from gateway.errors import StoreError
+from gateway.store.db import Limits, StoreDb
+from gateway.store.records import (
+    AppendOutcome,
+    DeadLetter,
+    NewMessage,
+    QueueStats,
+    Settlement,
+    StoredMessage,
+)
+
+log = logging.getLogger("gateway.store")
+R = TypeVar("R")
+
+DEAD_LETTER_MAX_BYTES = 64 * 1024**2
+
+
+class Store:
+    def __init__(self, path: str, cfg: StoreConfig, *, exclusive: bool = True) -> None:
+        self.path = path
+        self.cfg = cfg
+        self.exclusive = exclusive
+        self._db = StoreDb(path, Limits(
+            max_bytes=cfg.max_bytes, max_messages=cfg.max_messages, when_full=cfg.when_full,
+            max_attempts=cfg.max_attempts, dead_letter_max_messages=cfg.dead_letter_max_messages,
+            dead_letter_max_bytes=DEAD_LETTER_MAX_BYTES, max_page_count=cfg.max_page_count,
+            durability=cfg.durability))
+        self._executor: ThreadPoolExecutor | None = None
+        self._lock_file: IO[bytes] | None = None
+        self._pending: list[tuple[str, Sequence[NewMessage], asyncio.Future[list[AppendOutcome]]]] = []
+        self._pending_count = 0
+        self._wake = asyncio.Event()
+        self._batch_full = asyncio.Event()
+        self._ready: dict[str, asyncio.Event] = {}
+        self._committer: asyncio.Task[None] | None = None
+        self._last_commit = 0.0
+        self._closing = False
+        #: time spent in the last append commit, seconds (for metrics and benchmarks)
+        self.last_commit_seconds = 0.0
+        self.commits = 0
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def open(self) -> None:
+        if self.exclusive:
+            self._take_lock()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
+        try:
+            await self._run(self._db.open)
+            if self.exclusive:
+                released = await self._run(self._db.release_all_leases)
+                if released:
+                    log.info("released %d leases held before the last stop", released)
+        except sqlite3.Error as exc:
+            await self._shutdown_executor()
+            raise StoreError(f"cannot open the store {self.path}: {exc}") from exc
+        self._closing = False
+        self._committer = asyncio.create_task(self._commit_loop(), name="store-commit")
+
+    async def close(self) -> None:
+        """Commit what is pending, then close the database and release the lock."""
+        self._closing = True
+        if self._committer is not None:
+            self._wake.set()
+            self._batch_full.set()
+            await self._committer
+            self._committer = None
+        if self._executor is not None:
+            with contextlib.suppress(sqlite3.Error):
+                await self._run(self._db.close)
+            await self._shutdown_executor()
+        if self._lock_file is not None:
+            self._lock_file.close()
+            self._lock_file = None
+
+    async def _shutdown_executor(self) -> None:
+        if self._executor is not None:
+            executor, self._executor = self._executor, None
+            await asyncio.to_thread(executor.shutdown, wait=True)
+
+    def _take_lock(self) -> None:
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        fh = open(self.path + ".lock", "wb")  # noqa: SIM115 - held for the store's lifetime
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.close()
+            raise StoreError(f"{self.path} is in use by another gateway process") from None
+        self._lock_file = fh
+
+    async def _run(self, fn: Callable[..., R], *args: object) -> R:
+        if self._executor is None:
+            raise StoreError("the store is not open")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, fn, *args)
+
+    # -- append with group commit --------------------------------------------------------
+
+    async def append(self, queue: str, messages: Sequence[NewMessage]) -> list[AppendOutcome]:
+        """Store messages durably; resolves after their transaction committed."""
+        if not messages:
+            return []
+        if self._closing or self._committer is None:
+            raise StoreError("the store is closed")
+        fut: asyncio.Future[list[AppendOutcome]] = asyncio.get_running_loop().create_future()
+        self._pending.append((queue, messages, fut))
+        self._pending_count += len(messages)
+        self._wake.set()
+        if self._pending_count >= self.cfg.commit_batch_size:
+            self._batch_full.set()
+        return await fut
+
+    async def _commit_loop(self) -> None:
+        interval = self.cfg.commit_interval_ms / 1000
+        while True:
+            await self._wake.wait()
+            if not self._pending:
+                self._wake.clear()
+                if self._closing:
+                    return
+                continue
+            gap = self._last_commit + interval - time.monotonic()
+            if gap > 0 and self._pending_count < self.cfg.commit_batch_size and not self._closing:
+                self._batch_full.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._batch_full.wait(), gap)
+            self._wake.clear()
+            await self._commit_pending()
+
+    async def _commit_pending(self) -> None:
+        batch = self._take_batch()
+        started = time.monotonic()
+        try:
+            results = await self._run(self._db.append, [(q, msgs) for q, msgs, _ in batch])
+        except (sqlite3.Error, OSError) as exc:
+            error = StoreError(f"commit failed: {exc}")
+            for _, _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(error)
+            log.error("store commit failed: %s", exc)
+        else:
+            for (_, _, fut), outcomes in zip(batch, results, strict=True):
+                if not fut.done():
+                    fut.set_result(outcomes)
+            for queue in {q for q, _, _ in batch}:
+                self._notify(queue)
+        self._last_commit = time.monotonic()
+        self.last_commit_seconds = self._last_commit - started
+        self.commits += 1
+        if self._pending:
+            self._wake.set()
+
+    def _take_batch(self) -> list[tuple[str, Sequence[NewMessage], asyncio.Future[list[AppendOutcome]]]]:
+        limit = self.cfg.commit_batch_size
+        taken = 0
+        batch = []
+        while self._pending and (taken < limit or not batch):
+            item = self._pending.pop(0)
+            batch.append(item)
+            taken += len(item[1])
+        self._pending_count -= taken
+        return batch
+
+    # -- delivery ------------------------------------------------------------------------
+
+    def _event(self, queue: str) -> asyncio.Event:
+        event = self._ready.get(queue)
+        if event is None:
+            event = self._ready[queue] = asyncio.Event()
+            event.set()  # a new waiter looks once before it sleeps
+        return event
+
+    def _notify(self, queue: str) -> None:
+        self._event(queue).set()
+
+    async def lease(self, queue: str, limit: int, lease_seconds: float | None = None) -> list[StoredMessage]:
+        self._event(queue).clear()
+        return await self._run(self._db.lease, queue, limit,
+                               self.cfg.lease if lease_seconds is None else lease_seconds,
+                               time.time())
+
+    async def wait_ready(self, queue: str, timeout: float | None = None) -> None:
+        """Sleep until new messages may be ready in ``queue`` (or the timeout, or a due one)."""
+        event = self._event(queue)
+        due = await self._run(self._db.next_due, queue, time.time())
+        if due is not None:
+            until_due = max(0.0, due - time.time()) + 0.001
+            timeout = until_due if timeout is None else min(timeout, until_due)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(event.wait(), timeout)
+
+    async def settle(self, settlement: Settlement) -> None:
+        await self._run(self._db.settle, settlement, time.time())
+        if settlement.release or settlement.retry:
+            for queue in list(self._ready):
+                self._notify(queue)
+
+    async def find(self, queue: str | None, message_id: str) -> list[int]:
+        return await self._run(self._db.find, queue, message_id)
+
+    # -- retention, dead letters, stats ---------------------------------------------------
+
+    async def expire(self) -> int:
+        total = 0
+        while True:
+            n = await self._run(self._db.expire, self.cfg.max_age, time.time())
+            total += n
+            if n < 1000:
+                break
+        await self._run(self._db.vacuum_if_sparse)
+        if total:
+            log.warning("dropped %d messages older than store.max_age (%.0fs)", total,
+                        self.cfg.max_age)
+        return total
+
+    async def list_dead(self, queue: str | None = None, limit: int = 100) -> list[DeadLetter]:
+        return await self._run(self._db.list_dead, queue, limit)
+
+    async def replay_dead(self, queue: str | None = None, ids: Sequence[str] | None = None) -> int:
+        n = await self._run(self._db.replay_dead, queue, ids)
+        for q in list(self._ready):
+            self._notify(q)
+        return n
+
+    async def purge_dead(self, queue: str | None = None, ids: Sequence[str] | None = None) -> int:
+        return await self._run(self._db.purge_dead, queue, ids)
+
+    async def depth(self, queue: str) -> int:
+        return await self._run(self._db.depth, queue)
+
+    async def purge(self, queue: str) -> int:
+        return await self._run(self._db.purge, queue)
+
+    async def stats(self, queue: str) -> QueueStats:
+        return await self._run(self._db.stats, queue, time.time())
+
+    async def queues(self) -> list[str]:
+        return await self._run(self._db.queues)
+
+    @property
+    def message_count(self) -> int:
+        return self._db.count
+
+    @property
+    def message_bytes(self) -> int:
+        return self._db.bytes
+
+    def file_bytes(self) -> int:
+        return self._db.file_bytes()

@@ -1,0 +1,1 @@
+"""The eventhubs uplink backend."""

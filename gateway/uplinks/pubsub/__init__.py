@@ -1,0 +1,1 @@
+"""The pubsub uplink backend."""

@@ -1,0 +1,22 @@
+"""Settings of ``type: redis`` (keys as in the seed, plus stream trimming and consumer naming)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from gateway.settings import DURATION, secret
+
+
+@dataclass(frozen=True, slots=True)
+class RedisSettings:
+    redis_url: str = secret("redis://localhost:6379/0")
+    #: approximate MAXLEN for XADD; 0 keeps every entry
+    redis_maxlen: int = 0
+    #: consumer group used by consume(); created on demand
+    redis_consumer_group: str = "openhqm-gateway"
+    #: stable consumer name within the group; '' = the gateway id
+    redis_consumer_name: str = ""
+    #: pending entries idle this long are reclaimed by XAUTOCLAIM
+    redis_claim_idle: Annotated[float, DURATION] = 60.0
+    redis_socket_timeout: Annotated[float, DURATION] = 10.0

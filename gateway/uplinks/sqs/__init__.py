@@ -1,0 +1,1 @@
+"""The sqs uplink backend."""

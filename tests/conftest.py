@@ -1,0 +1,33 @@
+"""Shared fixtures: real servers on free loopback ports, a clean environment per test."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.servers import ServerProcess, mosquitto_server, redis_server, running
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No OPENHQM_ variable from the developer's shell leaks into a test."""
+    for name in list(os.environ):
+        if name.startswith("OPENHQM_"):
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture
+def mosquitto(tmp_path: Path) -> Iterator[ServerProcess]:
+    """A mosquitto broker of this test's own (persistence on, unlimited queues)."""
+    with running(mosquitto_server(tmp_path / "mosquitto")) as server:
+        yield server
+
+
+@pytest.fixture
+def redis(tmp_path: Path) -> Iterator[ServerProcess]:
+    """A redis-server of this test's own (AOF on, so restarts keep streams)."""
+    with running(redis_server(tmp_path / "redis")) as server:
+        yield server

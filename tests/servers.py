@@ -1,0 +1,174 @@
+"""Real servers for tests, started as child processes on free loopback ports.
+
+Each server gets its own config and data directory under the test's tmp dir, is waited for
+until it really answers (not just a TCP connect), and is stopped afterwards. A missing
+binary skips the test locally and fails it when CI=true: CI must never pass by skipping.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def require_binary(name: str, hint: str) -> str:
+    path = shutil.which(name) or next(
+        (p for p in (f"/usr/sbin/{name}", f"/usr/bin/{name}") if os.path.exists(p)), None)
+    if path is None:
+        message = f"{name} is not installed ({hint})"
+        if IN_CI:
+            pytest.fail(f"CI must run integration tests: {message}")
+        pytest.skip(message)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"{what} not ready after {timeout}s")
+
+
+@dataclass
+class ServerProcess:
+    name: str
+    argv: list[str]
+    workdir: Path
+    port: int
+    ready: Callable[[ServerProcess], bool]
+    proc: subprocess.Popen[bytes] | None = None
+    log_path: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.log_path = self.workdir / f"{self.name}.log"
+
+    def start(self, timeout: float = 20.0) -> None:
+        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child
+        self.proc = subprocess.Popen(self.argv, cwd=self.workdir, stdout=log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+        try:
+            wait_until(lambda: self._alive() and self.ready(self), timeout, self.name)
+        except TimeoutError:
+            self.stop()
+            raise RuntimeError(f"{self.name} did not start; log:\n{self.log_text()}") from None
+
+    def _alive(self) -> bool:
+        if self.proc is None or self.proc.poll() is not None:
+            raise RuntimeError(f"{self.name} exited; log:\n{self.log_text()}")
+        return True
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        self.proc = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-4000:]
+        except OSError:
+            return "<no log>"
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def mosquitto_server(workdir: Path, port: int | None = None, extra_conf: str = "") -> ServerProcess:
+    binary = require_binary("mosquitto", "apt-get install mosquitto")
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = port or free_port()
+    conf = workdir / "mosquitto.conf"
+    conf.write_text(
+        f"listener {port} 127.0.0.1\n"
+        "allow_anonymous true\n"
+        "persistence true\n"
+        f"persistence_location {workdir}/\n"
+        "autosave_interval 1\n"
+        "max_queued_messages 0\n"
+        "max_inflight_messages 0\n"
+        "max_packet_size 16777216\n"
+        "message_size_limit 0\n"
+        "log_type error\nlog_type warning\n"
+        + extra_conf)
+    server = ServerProcess("mosquitto", [binary, "-c", str(conf)], workdir, port,
+                           lambda s: _mqtt_ready(s.port))
+    return server
+
+
+def _mqtt_ready(port: int) -> bool:
+    if not _port_open(port):
+        return False
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+            # MQTT 3.1.1 CONNECT, clean session, client id "ready"
+            s.sendall(bytes([0x10, 17, 0, 4]) + b"MQTT" + bytes([4, 2, 0, 10, 0, 5]) + b"ready")
+            return s.recv(4)[:1] == b"\x20"
+    except OSError:
+        return False
+
+
+def redis_server(workdir: Path, port: int | None = None) -> ServerProcess:
+    binary = require_binary("redis-server", "apt-get install redis-server")
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = port or free_port()
+    argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir),
+            "--save", "", "--appendonly", "yes", "--appendfsync", "everysec",
+            "--protected-mode", "yes", "--daemonize", "no"]
+    return ServerProcess("redis", argv, workdir, port, lambda s: _redis_ready(s.port))
+
+
+def _redis_ready(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def running(server: ServerProcess) -> Iterator[ServerProcess]:
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
