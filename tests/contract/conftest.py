@@ -17,6 +17,6 @@ CONTRACT_BACKENDS = ["sqlite", "redis"]
 
 
 @pytest.fixture(params=CONTRACT_BACKENDS)
-async def backend(request: pytest.FixtureRequest) -> MessageQueueInterface:
+def backend(request: pytest.FixtureRequest) -> MessageQueueInterface:
     instance: MessageQueueInterface = request.getfixturevalue(f"{request.param}_backend")
     return instance
