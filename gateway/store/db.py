@@ -195,6 +195,10 @@ class StoreDb:
             self.conn.close()
             self.conn = None
 
+    def refresh_totals(self) -> None:
+        """Recount after writers outside this process (``dlq replay``) changed the tables."""
+        self._load_totals()
+
     def _load_totals(self) -> None:
         c = self._c
         self.count, self.bytes = c.execute(
@@ -586,6 +590,29 @@ class StoreDb:
         self._commit()
         return len(rows)
 
+    def create_queue(self, queue: str) -> bool:
+        """Queues exist implicitly; this records one explicitly. True when it was new."""
+        self._begin(durable=False)
+        n = self._c.execute("INSERT OR IGNORE INTO counters(queue, name, value) "
+                            "VALUES (?, 'created', 1)", (queue,)).rowcount
+        self._commit()
+        return bool(n)
+
+    def delete_queue(self, queue: str) -> bool:
+        """Remove a queue's messages, dead letters and counters. True when any existed."""
+        self._begin(durable=False)
+        c = self._c
+        rows = c.execute("DELETE FROM messages WHERE queue = ? RETURNING size", (queue,)).fetchall()
+        dead = c.execute("DELETE FROM dead_letters WHERE queue = ? RETURNING size",
+                         (queue,)).fetchall()
+        counters = c.execute("DELETE FROM counters WHERE queue = ?", (queue,)).rowcount
+        self._commit()
+        self.count -= len(rows)
+        self.bytes -= sum(r[0] for r in rows)
+        self.dead_count -= len(dead)
+        self.dead_bytes -= sum(r[0] for r in dead)
+        return bool(rows or dead or counters)
+
     def queues(self) -> list[str]:
         names = {r[0] for r in self._c.execute("SELECT DISTINCT queue FROM messages")}
         names |= {r[0] for r in self._c.execute("SELECT DISTINCT queue FROM counters")}
@@ -611,6 +638,9 @@ class StoreDb:
         return QueueStats(queue, int(depth), int(in_flight),
                           None if oldest is None else max(0.0, now - oldest), int(dead),
                           int(counters.get("delivered_total", 0)), dropped)
+
+    def ping(self) -> bool:
+        return bool(self._c.execute("SELECT 1").fetchone()[0] == 1)
 
     def file_bytes(self) -> int:
         total = 0

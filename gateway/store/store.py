@@ -45,6 +45,8 @@ R = TypeVar("R")
 
 DEAD_LETTER_MAX_BYTES = 64 * 1024**2
 
+_Pending = tuple[str, Sequence[NewMessage], "asyncio.Future[list[AppendOutcome]]"]
+
 
 class Store:
     def __init__(self, path: str, cfg: StoreConfig, *, exclusive: bool = True) -> None:
@@ -58,7 +60,7 @@ class Store:
             durability=cfg.durability))
         self._executor: ThreadPoolExecutor | None = None
         self._lock_file: IO[bytes] | None = None
-        self._pending: list[tuple[str, Sequence[NewMessage], asyncio.Future[list[AppendOutcome]]]] = []
+        self._pending: list[_Pending] = []
         self._pending_count = 0
         self._wake = asyncio.Event()
         self._batch_full = asyncio.Event()
@@ -181,10 +183,10 @@ class Store:
         if self._pending:
             self._wake.set()
 
-    def _take_batch(self) -> list[tuple[str, Sequence[NewMessage], asyncio.Future[list[AppendOutcome]]]]:
+    def _take_batch(self) -> list[_Pending]:
         limit = self.cfg.commit_batch_size
         taken = 0
-        batch = []
+        batch: list[_Pending] = []
         while self._pending and (taken < limit or not batch):
             item = self._pending.pop(0)
             batch.append(item)
@@ -239,6 +241,7 @@ class Store:
             if n < 1000:
                 break
         await self._run(self._db.vacuum_if_sparse)
+        await self._run(self._db.refresh_totals)
         if total:
             log.warning("dropped %d messages older than store.max_age (%.0fs)", total,
                         self.cfg.max_age)
@@ -261,6 +264,16 @@ class Store:
 
     async def purge(self, queue: str) -> int:
         return await self._run(self._db.purge, queue)
+
+    async def create_queue(self, queue: str) -> bool:
+        return await self._run(self._db.create_queue, queue)
+
+    async def delete_queue(self, queue: str) -> bool:
+        return await self._run(self._db.delete_queue, queue)
+
+    async def ping(self) -> bool:
+        """A real round trip through the store thread and SQLite."""
+        return await self._run(self._db.ping)
 
     async def stats(self, queue: str) -> QueueStats:
         return await self._run(self._db.stats, queue, time.time())

@@ -1,0 +1,200 @@
+"""``openhqm-gateway``: a thin command line over the package.
+
+Exit codes: 0 success, 1 runtime failure, 2 invalid configuration or usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+import yaml
+
+from gateway import __version__
+from gateway.config import DEFAULT_CONFIG_PATH, ENV_CONFIG_PATH, Config, effective_config, load_config
+from gateway.errors import ConfigError, GatewayError
+from gateway.store.db import Limits, StoreDb
+from gateway.store.records import DeadLetter
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="openhqm-gateway",
+                                description="MQTT -> durable local store -> cloud uplink")
+    p.add_argument("--version", action="version", version=f"openhqm-gateway {__version__}")
+    p.add_argument("-c", "--config", help=f"config file (default: ${ENV_CONFIG_PATH} or "
+                                          f"{DEFAULT_CONFIG_PATH}; 'none' = defaults only)")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("run", help="run the gateway in the foreground")
+    cfg = sub.add_parser("config", help="configuration tools")
+    cfg_sub = cfg.add_subparsers(dest="config_command", required=True)
+    cfg_sub.add_parser("check", help="validate and print the effective config (secrets masked)")
+    status = sub.add_parser("status", help="buffer and delivery status, read from the store")
+    status.add_argument("--json", action="store_true", help="one JSON object")
+    dlq = sub.add_parser("dlq", help="the dead-letter table")
+    dlq_sub = dlq.add_subparsers(dest="dlq_command", required=True)
+    lst = dlq_sub.add_parser("list", help="show dead letters, oldest first")
+    lst.add_argument("--limit", type=int, default=50)
+    lst.add_argument("--json", action="store_true", help="one JSON object per line")
+    for name, what in (("replay", "move dead letters back into the queue"),
+                       ("purge", "delete dead letters for good")):
+        cmd = dlq_sub.add_parser(name, help=what)
+        which = cmd.add_mutually_exclusive_group(required=True)
+        which.add_argument("--id", action="append", dest="ids", metavar="MESSAGE_ID")
+        which.add_argument("--all", action="store_true")
+    return p
+
+
+def _config_path(arg: str | None) -> str | None:
+    path = arg or os.environ.get(ENV_CONFIG_PATH) or DEFAULT_CONFIG_PATH
+    if path == "none":
+        return None
+    if arg is None and path == DEFAULT_CONFIG_PATH and not os.path.exists(path):
+        return None  # no file installed yet: defaults and environment
+    return path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        config = load_config(_config_path(args.config))
+    except ConfigError as exc:
+        print(f"invalid configuration: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return _dispatch(args, config)
+    except ConfigError as exc:
+        print(f"invalid configuration: {exc}", file=sys.stderr)
+        return 2
+    except GatewayError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _dispatch(args: argparse.Namespace, config: Config) -> int:
+    if args.command == "config":
+        print(f"# valid configuration from {config.source}")
+        print(yaml.safe_dump(effective_config(config), sort_keys=False), end="")
+        return 0
+    if args.command == "run":
+        return _run(config)
+    if args.command == "status":
+        return _status(config, as_json=args.json)
+    return _dlq(args, config)
+
+
+def _run(config: Config) -> int:
+    from gateway.observability.logs import setup_logging
+    from gateway.service import run_gateway
+
+    setup_logging(config.logging)
+    asyncio.run(run_gateway(config))
+    return 0
+
+
+def _open_db(config: Config, readonly: bool) -> StoreDb:
+    st = config.store
+    db = StoreDb(config.store_path, Limits(
+        max_bytes=st.max_bytes, max_messages=st.max_messages, when_full=st.when_full,
+        max_attempts=st.max_attempts, dead_letter_max_messages=st.dead_letter_max_messages,
+        dead_letter_max_bytes=2**62, durability=st.durability), readonly=readonly)
+    if readonly and not os.path.exists(config.store_path):
+        raise GatewayError(f"no store at {config.store_path} (has the gateway run yet?)")
+    try:
+        db.open()
+    except Exception as exc:
+        raise GatewayError(f"cannot open the store {config.store_path}: {exc}") from exc
+    return db
+
+
+def status_report(config: Config) -> dict[str, Any]:
+    from gateway.forwarder import UPLINK_QUEUE
+
+    db = _open_db(config, readonly=True)
+    try:
+        now = time.time()
+        names = set(db.queues()) | {UPLINK_QUEUE}
+        uplinks: dict[str, Any] = {}
+        messages = 0
+        for name in sorted(names):
+            st = db.stats(name, now)
+            messages += st.depth
+            uplinks[name] = {
+                "type": config.queue.type if name == UPLINK_QUEUE else "sqlite",
+                "depth": st.depth, "in_flight": st.in_flight,
+                "oldest_age_seconds": None if st.oldest_age_seconds is None
+                else round(st.oldest_age_seconds, 3),
+                "dead_letter": st.dead_letter, "delivered_total": st.delivered_total,
+                "dropped": st.dropped,
+            }
+        return {"store": {"path": config.store_path, "bytes": db.file_bytes(),
+                          "messages": messages}, "uplinks": uplinks}
+    finally:
+        db.close()
+
+
+def _status(config: Config, as_json: bool) -> int:
+    report = status_report(config)
+    if as_json:
+        print(orjson.dumps(report).decode())
+        return 0
+    store = report["store"]
+    print(f"store    {store['path']}: {store['messages']} messages, {store['bytes']} bytes on disk")
+    for name, u in report["uplinks"].items():
+        age = "-" if u["oldest_age_seconds"] is None else f"{u['oldest_age_seconds']:.1f}s"
+        dropped = ", ".join(f"{k}={v}" for k, v in sorted(u["dropped"].items())) or "none"
+        print(f"uplink   {name} ({u['type']}): depth {u['depth']}, in flight {u['in_flight']}, "
+              f"oldest {age}, delivered {u['delivered_total']}, dead letters {u['dead_letter']}, "
+              f"dropped {dropped}")
+    return 0
+
+
+def _dead_letter_json(d: DeadLetter) -> dict[str, Any]:
+    try:
+        body: Any = d.payload.decode("utf-8")
+        encoding = "utf-8"
+    except UnicodeDecodeError:
+        body, encoding = d.payload.hex(), "hex"
+    return {"id": d.id, "queue": d.queue, "topic": d.topic, "reason": d.reason,
+            "attempts": d.attempts, "received_at": d.received_at, "failed_at": d.failed_at,
+            "bytes": len(d.payload), "payload": body, "payload_encoding": encoding,
+            "attributes": d.attributes}
+
+
+def _dlq(args: argparse.Namespace, config: Config) -> int:
+    if args.dlq_command == "list":
+        db = _open_db(config, readonly=True)
+        try:
+            letters = db.list_dead(None, args.limit)
+        finally:
+            db.close()
+        for d in letters:
+            if args.json:
+                print(orjson.dumps(_dead_letter_json(d)).decode())
+            else:
+                when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(d.failed_at))
+                print(f"{d.id}  {when}  {d.topic}  {len(d.payload)}B  {d.reason}")
+        if not args.json:
+            print(f"{len(letters)} dead letter(s) shown")
+        return 0
+    db = _open_db(config, readonly=False)
+    try:
+        ids = None if args.all else list(args.ids)
+        if args.dlq_command == "replay":
+            n = db.replay_dead(None, ids)
+            print(f"replayed {n} dead letter(s) into the queue")
+        else:
+            n = db.purge_dead(None, ids)
+            print(f"purged {n} dead letter(s)")
+    finally:
+        db.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

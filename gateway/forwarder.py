@@ -1,0 +1,248 @@
+"""The forwarder: drains the store into the uplink, batch by batch.
+
+Promises:
+
+- A message leaves the store only when the uplink accepted it (PublishResult.ok), when the
+  uplink refused it for good (dead-lettered with the reason), or when it ran out of
+  attempts (dead-lettered). An unreachable uplink never costs a message an attempt: the
+  batch is released and the forwarder backs off with full jitter, however long the outage.
+- One batch is in flight at a time, so per-topic order (the store's invariant 3) carries
+  through to the uplink. Messages are grouped by destination (``forwarder.routes`` first
+  match, else ``queue.request_queue_name``) keeping their order within each group.
+- The message id and MQTT topic travel with every message (attributes), identical on every
+  retry, so cloud consumers can deduplicate.
+- No polling: when nothing is ready the forwarder sleeps until the store says something was
+  committed, released, or falls due.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+
+from gateway.config import Config
+from gateway.errors import QueueError, RetryableError, UplinkUnavailable
+from gateway.queue.interface import MessageQueueInterface, PublishResult
+from gateway.store.records import Settlement, StoredMessage
+from gateway.store.store import Store
+from gateway.topics import topic_matches
+
+log = logging.getLogger("gateway.forwarder")
+
+#: the store queue the ingress fills and the forwarder drains
+UPLINK_QUEUE = "default"
+#: the longest the forwarder sleeps without a wake-up from this process's store
+EXTERNAL_WRITE_WAKEUP = 30.0
+
+
+def full_jitter(attempt: int, base: float, cap: float) -> float:
+    """Exponential backoff with full jitter (uniform in [0, min(cap, base * 2**attempt)])."""
+    return random.uniform(0, min(cap, base * (2 ** min(attempt, 30))))
+
+
+@dataclass
+class ForwarderStats:
+    delivered: int = 0
+    retried: int = 0
+    dead_lettered: int = 0
+    batches: int = 0
+    #: "connecting", "online", "backing_off", "stopped"
+    state: str = "connecting"
+    last_ack_at: float | None = None
+    last_error: str = ""
+    errors_by_kind: dict[str, int] = field(default_factory=dict)
+
+
+class Forwarder:
+    def __init__(self, store: Store, uplink: MessageQueueInterface, config: Config,
+                 queue: str = UPLINK_QUEUE) -> None:
+        self.store = store
+        self.uplink = uplink
+        self.cfg = config.forwarder
+        self.default_destination = config.queue.request_queue_name
+        self.queue = queue
+        self.stats = ForwarderStats()
+        self._stopping = asyncio.Event()
+        self._failures = 0  # consecutive whole-batch failures, for the backoff
+        self._connected = False
+        self._ever_connected = False
+
+    def stop(self) -> None:
+        """Finish the batch in flight, then return from ``run``."""
+        self._stopping.set()
+
+    async def run(self) -> None:
+        try:
+            while not self._stopping.is_set():
+                if not self._connected and not await self._connect():
+                    await self._backoff()
+                    continue
+                try:
+                    sent = await self.drain_once()
+                except UplinkUnavailable as exc:
+                    self._note_unavailable(exc)
+                    await self._backoff()
+                    continue
+                if sent == 0:
+                    await self._sleep_until_ready()
+        finally:
+            self.stats.state = "stopped"
+
+    async def _connect(self) -> bool:
+        self.stats.state = "connecting"
+        if self._ever_connected:  # start the adapter afresh after it misbehaved
+            try:
+                await asyncio.wait_for(self.uplink.disconnect(), self.cfg.publish_timeout)
+            except (QueueError, TimeoutError) as exc:
+                log.debug("disconnect before reconnect failed: %s", exc)
+        try:
+            await asyncio.wait_for(self.uplink.connect(), self.cfg.publish_timeout)
+        except (QueueError, TimeoutError) as exc:
+            self._note_unavailable(exc)
+            return False
+        self._connected = self._ever_connected = True
+        self._failures = 0
+        self.stats.state = "online"
+        log.info("uplink %s connected", self.uplink.backend_name)
+        return True
+
+    def _note_unavailable(self, exc: BaseException) -> None:
+        text = str(exc) or type(exc).__name__
+        if self.stats.state != "backing_off" or text != self.stats.last_error:
+            log.warning("uplink %s unavailable: %s; buffering locally",
+                        self.uplink.backend_name, text)
+        self.stats.state = "backing_off"
+        self.stats.last_error = text
+        self._failures += 1
+
+    async def _backoff(self) -> None:
+        delay = full_jitter(self._failures, self.cfg.retry_min_delay, self.cfg.retry_max_delay)
+        delay = max(delay, self.cfg.retry_min_delay / 2)
+        await self._sleep_or_stop(delay)
+
+    async def _sleep_or_stop(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+
+    async def _sleep_until_ready(self) -> None:
+        # The timeout is a safety net for writers outside this process (``dlq replay``).
+        waiter = asyncio.create_task(self.store.wait_ready(self.queue, EXTERNAL_WRITE_WAKEUP),
+                                     name="wait-ready")
+        stopper = asyncio.create_task(self._stopping.wait(), name="wait-stop")
+        try:
+            await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (waiter, stopper):
+                task.cancel()
+            await asyncio.gather(waiter, stopper, return_exceptions=True)
+
+    def destination(self, topic: str) -> str:
+        for route in self.cfg.routes:
+            if topic_matches(route.topic, topic):
+                return route.destination
+        return self.default_destination
+
+    async def drain_once(self) -> int:
+        """Lease one batch, publish it, settle it. Returns how many were delivered.
+
+        Raises UplinkUnavailable (after releasing the batch) when the uplink could not be
+        reached, so the caller backs off."""
+        started = time.monotonic()
+        batch = await self.store.lease(self.queue, self.cfg.batch_size)
+        if not batch:
+            return 0
+        settlement = Settlement()
+        unavailable: UplinkUnavailable | None = None
+        for destination, group in self._group(batch):
+            if unavailable is not None:
+                settlement.release.extend(m.seq for m in group)
+                continue
+            results = await self._publish(destination, group)
+            unavailable = self._settle_group(group, results, settlement)
+        await self.store.settle(settlement)
+        self._account(settlement)
+        if unavailable is not None:
+            self._connected = not isinstance(unavailable, _Disconnected)
+            raise unavailable
+        self._failures = 0
+        self.stats.state = "online"
+        await self._pace(len(settlement.delivered), started)
+        return len(settlement.delivered)
+
+    def _group(self, batch: list[StoredMessage]) -> list[tuple[str, list[StoredMessage]]]:
+        if not self.cfg.routes:
+            return [(self.default_destination, batch)]
+        groups: dict[str, list[StoredMessage]] = {}
+        for msg in batch:
+            groups.setdefault(self.destination(msg.topic), []).append(msg)
+        return list(groups.items())
+
+    async def _publish(self, destination: str, group: list[StoredMessage]) -> list[PublishResult]:
+        messages = [m.to_queue_message() for m in group]
+        try:
+            results = await asyncio.wait_for(
+                self.uplink.publish_batch(destination, messages), self.cfg.publish_timeout)
+        except TimeoutError:
+            error = UplinkUnavailable(f"publish_batch took longer than "
+                                      f"forwarder.publish_timeout ({self.cfg.publish_timeout}s)",
+                                      backend=self.uplink.backend_name)
+            return [PublishResult(m.id, error) for m in messages]
+        except QueueError as exc:
+            error = exc if isinstance(exc, UplinkUnavailable) else UplinkUnavailable(
+                str(exc), backend=self.uplink.backend_name)
+            return [PublishResult(m.id, error) for m in messages]
+        except Exception as exc:  # an adapter bug must not lose or wedge the batch
+            log.exception("uplink %s raised an untranslated error", self.uplink.backend_name)
+            error = _Disconnected(f"unexpected {type(exc).__name__}: {exc}",
+                                  backend=self.uplink.backend_name)
+            return [PublishResult(m.id, error) for m in messages]
+        if len(results) != len(messages):
+            error = _Disconnected(f"publish_batch returned {len(results)} results for "
+                                  f"{len(messages)} messages", backend=self.uplink.backend_name)
+            return [PublishResult(m.id, error) for m in messages]
+        return results
+
+    def _settle_group(self, group: list[StoredMessage], results: list[PublishResult],
+                      settlement: Settlement) -> UplinkUnavailable | None:
+        unavailable: UplinkUnavailable | None = None
+        for msg, result in zip(group, results, strict=True):
+            error = result.error
+            if error is None:
+                settlement.delivered.append(msg.seq)
+            elif isinstance(error, UplinkUnavailable):
+                settlement.release.append(msg.seq)
+                unavailable = unavailable or error
+            elif isinstance(error, RetryableError):
+                delay = full_jitter(msg.attempts + 1, self.cfg.retry_min_delay,
+                                    self.cfg.retry_max_delay)
+                settlement.retry.append((msg.seq, delay, str(error)))
+            else:
+                settlement.dead.append((msg.seq, f"{type(error).__name__}: {error}"))
+            if error is not None:
+                kind = type(error).__name__
+                self.stats.errors_by_kind[kind] = self.stats.errors_by_kind.get(kind, 0) + 1
+        return unavailable
+
+    def _account(self, s: Settlement) -> None:
+        self.stats.batches += 1
+        if s.delivered:
+            self.stats.delivered += len(s.delivered)
+            self.stats.last_ack_at = time.time()
+        self.stats.retried += len(s.retry)
+        self.stats.dead_lettered += len(s.dead)
+        for seq, reason in s.dead:
+            log.warning("dead-lettered message seq=%d: %s", seq, reason)
+
+    async def _pace(self, sent: int, started: float) -> None:
+        if self.cfg.max_rate > 0 and sent:
+            spare = sent / self.cfg.max_rate - (time.monotonic() - started)
+            if spare > 0:
+                await self._sleep_or_stop(spare)
+
+
+class _Disconnected(UplinkUnavailable):
+    """The uplink misbehaved; reconnect it before the next batch."""

@@ -1,0 +1,113 @@
+"""The daemon's lifecycle: one TaskGroup of named tasks around the store.
+
+Tasks: ``ingress`` (MQTT -> store), ``forwarder`` (store -> uplink), ``retention``
+(max_age expiry and space reclaim on a timer), ``shutdown`` (waits for a stop request).
+
+Shutdown promise: on SIGTERM/SIGINT the ingress stops reading, commits and acknowledges what
+it already received, and disconnects; the forwarder finishes its batch in flight; the store
+commits and closes. That completes within ``STOP_TIMEOUT`` seconds, after which remaining
+tasks are cancelled (nothing acknowledged is lost either way: unsettled leases are released
+at the next start). A second signal exits at once with status 1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+
+from gateway.config import Config
+from gateway.forwarder import UPLINK_QUEUE, Forwarder
+from gateway.ingress import MqttIngress
+from gateway.observability.systemd import sd_notify
+from gateway.queue.interface import MessageQueueInterface
+from gateway.queue.registry import create_backend
+from gateway.store.records import AppendOutcome, NewMessage
+from gateway.store.store import Store
+
+log = logging.getLogger("gateway.service")
+
+STOP_TIMEOUT = 15.0
+
+
+class Gateway:
+    def __init__(self, config: Config, uplink: MessageQueueInterface | None = None) -> None:
+        self.config = config
+        self.store = Store(config.store_path, config.store)
+        self.uplink = uplink if uplink is not None else create_backend(config)
+        self.ingress = MqttIngress(config.ingress, config.ingress_client_id, self._sink)
+        self.forwarder = Forwarder(self.store, self.uplink, config)
+        self._stop = asyncio.Event()
+        self._signals = 0
+
+    async def _sink(self, messages: list[NewMessage]) -> list[AppendOutcome]:
+        return await self.store.append(UPLINK_QUEUE, messages)
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> None:
+        await self.store.open()
+        log.info("store %s open: %d messages buffered", self.store.path,
+                 self.store.message_count)
+        try:
+            async with asyncio.TaskGroup() as tg:
+                ingress = tg.create_task(self.ingress.run(), name="ingress")
+                forwarder = tg.create_task(self.forwarder.run(), name="forwarder")
+                helpers = [tg.create_task(self._retention(), name="retention"),
+                           tg.create_task(self._announce_ready(), name="ready")]
+                await self._stop.wait()
+                sd_notify("STOPPING=1")
+                log.info("stopping: finishing in-flight work")
+                for task in helpers:
+                    task.cancel()
+                await self._drain_and_stop(ingress, forwarder)
+        finally:
+            with contextlib.suppress(Exception):
+                await self.uplink.disconnect()
+            await self.store.close()
+            log.info("stopped")
+
+    async def _drain_and_stop(self, *tasks: asyncio.Task[None]) -> None:
+        self.forwarder.stop()
+        try:
+            await asyncio.wait_for(self.ingress.stop(), STOP_TIMEOUT)
+        except TimeoutError:
+            log.warning("ingress did not stop within %.0fs", STOP_TIMEOUT)
+        _, pending = await asyncio.wait(tasks, timeout=STOP_TIMEOUT)
+        for task in pending:
+            log.warning("task %s did not finish within %.0fs; cancelling it", task.get_name(),
+                        STOP_TIMEOUT)
+            task.cancel()
+
+    async def _announce_ready(self) -> None:
+        await self.ingress.ready.wait()
+        sd_notify("READY=1")
+        log.info("ready: subscribed and storing")
+
+    async def _retention(self) -> None:
+        period = max(1.0, min(60.0, self.config.store.max_age / 10))
+        while True:
+            await self.store.expire()
+            await asyncio.sleep(period)
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+
+    def _on_signal(self, sig: int) -> None:
+        self._signals += 1
+        if self._signals > 1:
+            log.warning("second %s: exiting at once", signal.Signals(sig).name)
+            os._exit(1)
+        log.info("received %s", signal.Signals(sig).name)
+        self.request_stop()
+
+
+async def run_gateway(config: Config) -> None:
+    gateway = Gateway(config)
+    gateway.install_signal_handlers()
+    await gateway.run()

@@ -1,0 +1,131 @@
+"""Forwarder decisions against a real store and the in-memory stub uplink."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from pathlib import Path
+
+from gateway.config import Config, ForwarderConfig, QueueConfig, Route, StoreConfig
+from gateway.errors import RetryableError
+from gateway.forwarder import UPLINK_QUEUE, Forwarder
+from gateway.message import ATTR_MESSAGE_ID, ATTR_MQTT_TOPIC, new_message_id
+from gateway.store import NewMessage, Store
+from tests.stub_uplink import StubUplink, reject_body
+
+
+def make_config(**fw: object) -> Config:
+    forwarder = dataclasses.replace(ForwarderConfig(retry_min_delay=0.01, retry_max_delay=0.05),
+                                    **fw)  # type: ignore[arg-type]
+    return Config(forwarder=forwarder, queue=QueueConfig(request_queue_name="up"))
+
+
+async def filled_store(path: Path, items: list[tuple[str, bytes]], **cfg: object) -> Store:
+    store = Store(str(path), dataclasses.replace(StoreConfig(), **cfg))  # type: ignore[arg-type]
+    await store.open()
+    await store.append(UPLINK_QUEUE, [NewMessage(new_message_id(), t, b, {ATTR_MQTT_TOPIC: t},
+                                                 time.time()) for t, b in items])
+    return store
+
+
+async def test_delivers_with_stable_id_and_topic(tmp_path: Path) -> None:
+    store = await filled_store(tmp_path / "s.db", [("s/1", b"a"), ("s/2", b"b")])
+    uplink = StubUplink()
+    fwd = Forwarder(store, uplink, make_config())
+    assert await fwd.drain_once() == 2
+    (q1, m1), (_, m2) = uplink.published
+    assert q1 == "up" and m1.body == b"a" and m2.body == b"b"
+    assert m1.attributes[ATTR_MQTT_TOPIC] == "s/1"
+    assert m1.attributes[ATTR_MESSAGE_ID] == m1.id
+    assert (await store.stats(UPLINK_QUEUE)).depth == 0
+    await store.close()
+
+
+async def test_outage_costs_no_attempts_and_loses_nothing(tmp_path: Path) -> None:
+    store = await filled_store(tmp_path / "s.db", [("t", b"%d" % i) for i in range(50)],
+                               max_attempts=2)
+    uplink = StubUplink()
+    uplink.down = True
+    fwd = Forwarder(store, uplink, make_config(batch_size=20))
+    task = asyncio.create_task(fwd.run())
+    await asyncio.sleep(0.5)  # many failed rounds, far more than max_attempts
+    assert uplink.published == []
+    uplink.down = False
+    for _ in range(100):
+        if len(uplink.published) == 50:
+            break
+        await asyncio.sleep(0.05)
+    fwd.stop()
+    await task
+    assert uplink.bodies() == [b"%d" % i for i in range(50)]
+    assert (await store.stats(UPLINK_QUEUE)).dead_letter == 0
+    await store.close()
+
+
+async def test_permanent_rejection_dead_letters_and_the_rest_flow(tmp_path: Path) -> None:
+    store = await filled_store(tmp_path / "s.db", [("t", b"ok1"), ("t", b"POISON"), ("t", b"ok2")])
+    uplink = StubUplink()
+    uplink.fail = reject_body(b"POISON")
+    fwd = Forwarder(store, uplink, make_config())
+    assert await fwd.drain_once() == 2
+    assert uplink.bodies() == [b"ok1", b"ok2"]
+    (dead,) = await store.list_dead()
+    assert dead.payload == b"POISON" and "MessageRejected" in dead.reason and "poison" in dead.reason
+    await store.close()
+
+
+async def test_retryable_failure_keeps_topic_order(tmp_path: Path) -> None:
+    store = await filled_store(tmp_path / "s.db", [("a", b"a1"), ("a", b"a2"), ("b", b"b1")])
+    uplink = StubUplink()
+    failures = {"a1": 2}
+
+    def flaky(m: object) -> RetryableError | None:
+        body = m.body.decode()  # type: ignore[attr-defined]
+        if failures.get(body, 0) > 0:
+            failures[body] -= 1
+            return RetryableError("throttled", backend="stub")
+        return None
+
+    uplink.fail = flaky
+    fwd = Forwarder(store, uplink, make_config(batch_size=1))
+    task = asyncio.create_task(fwd.run())
+    for _ in range(100):
+        if len(uplink.published) == 3:
+            break
+        await asyncio.sleep(0.02)
+    fwd.stop()
+    await task
+    bodies = uplink.bodies()
+    assert bodies.index(b"a1") < bodies.index(b"a2"), bodies
+    await store.close()
+
+
+async def test_routes_pick_destinations(tmp_path: Path) -> None:
+    store = await filled_store(tmp_path / "s.db",
+                               [("sensors/temp/1", b"t"), ("alarms/x", b"al"), ("other", b"o")])
+    uplink = StubUplink()
+    cfg = make_config(routes=[Route("sensors/temp/+", "temps"), Route("alarms/#", "alarms")])
+    assert await Forwarder(store, uplink, cfg).drain_once() == 3
+    assert sorted((q, m.body) for q, m in uplink.published) == [
+        ("alarms", b"al"), ("temps", b"t"), ("up", b"o")]
+    await store.close()
+
+
+async def test_max_rate_paces_batches(tmp_path: Path) -> None:
+    store = await filled_store(tmp_path / "s.db", [("t", b"x")] * 40)
+    fwd = Forwarder(store, StubUplink(), make_config(batch_size=20, max_rate=100))
+    started = time.monotonic()
+    assert await fwd.drain_once() + await fwd.drain_once() == 40
+    assert time.monotonic() - started >= 0.35  # 40 messages at 100/s
+    await store.close()
+
+
+async def test_stop_returns_while_idle(tmp_path: Path) -> None:
+    store = await filled_store(tmp_path / "s.db", [])
+    fwd = Forwarder(store, StubUplink(), make_config())
+    task = asyncio.create_task(fwd.run())
+    await asyncio.sleep(0.05)
+    fwd.stop()
+    await asyncio.wait_for(task, 2)
+    await store.close()
