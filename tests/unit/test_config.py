@@ -157,3 +157,20 @@ def test_variable_expansion(tmp_path: Path) -> None:
 def test_invalid_yaml(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(write(tmp_path, "queue: [unclosed\n"), {})
+
+
+def test_sample_config_is_valid_and_documents_every_option() -> None:
+    import dataclasses
+
+    from gateway.config import Config
+    from gateway.uplinks.redis.settings import RedisSettings
+
+    sample = Path(__file__).resolve().parents[2] / "config" / "gateway.yaml"
+    cfg = load_config(str(sample), {})
+    text = sample.read_text()
+    for section in ("gateway", "ingress", "store", "forwarder", "logging"):
+        for f in dataclasses.fields(getattr(Config(), section)):
+            assert f"  {f.name}:" in text, f"config/gateway.yaml lacks {section}.{f.name}"
+    for f in dataclasses.fields(RedisSettings):
+        assert f"  {f.name}:" in text, f"config/gateway.yaml lacks queue.{f.name}"
+    assert cfg.queue.type == "redis"

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Install what the tests need, then lint, type-check and run every test against real servers.
+# This is the command the README gives and the one CI runs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/_setup_common.sh
+
+install_debian python3-venv mosquitto mosquitto-clients redis-server kcat
+install_python "test,kafka"
+
+echo "==> ruff"
+.venv/bin/ruff check gateway tests benchmarks
+echo "==> mypy"
+.venv/bin/mypy
+echo "==> pytest"
+.venv/bin/python -m pytest -q -p no:cacheprovider "$@"
