@@ -20,3 +20,7 @@ class RedisSettings:
     #: pending entries idle this long are reclaimed by XAUTOCLAIM
     redis_claim_idle: Annotated[float, DURATION] = 60.0
     redis_socket_timeout: Annotated[float, DURATION] = 10.0
+    #: XDEL an entry once it is acknowledged, so the stream holds only the backlog. Turn off
+    #: when other consumer groups read the same stream: they would lose entries they have
+    #: not read yet (depth stays correct either way; MAXLEN then bounds the history)
+    redis_delete_acked: bool = True
