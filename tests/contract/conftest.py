@@ -2,21 +2,26 @@
 
 A backend joins by adding its name here and an async fixture ``<name>_backend`` (in
 tests/contract/backends.py or a module listed in ``pytest_plugins``) that yields a
-connected MessageQueueInterface whose queues are unique to the test.
+``ContractTarget``: a connected MessageQueueInterface whose queues are unique to the test,
+plus the optional hooks that only the backend knows how to provide (a message it refuses,
+a view of its dead letters).
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import pytest
 
-from gateway.queue.interface import MessageQueueInterface
+if TYPE_CHECKING:  # imported by pytest_plugins; importing it here would defeat assert rewriting
+    from tests.contract.backends import ContractTarget
 
-pytest_plugins = ["tests.contract.backends"]
+pytest_plugins = ["tests.contract.backends", "tests.contract.backend_kafka"]
 
-CONTRACT_BACKENDS = ["sqlite", "redis"]
+CONTRACT_BACKENDS = ["sqlite", "redis", "kafka"]
 
 
 @pytest.fixture(params=CONTRACT_BACKENDS)
-def backend(request: pytest.FixtureRequest) -> MessageQueueInterface:
-    instance: MessageQueueInterface = request.getfixturevalue(f"{request.param}_backend")
-    return instance
+def backend(request: pytest.FixtureRequest) -> ContractTarget:
+    target: ContractTarget = request.getfixturevalue(f"{request.param}_backend")
+    return target
