@@ -1,0 +1,97 @@
+"""The record key template: which part of a message decides its Kafka partition.
+
+Kafka keeps order only within a partition, and the producer maps equal keys to the same
+partition. Keying by device (an MQTT topic level) keeps each device's messages in order.
+
+Placeholders, anything else is literal text:
+
+    {topic}        the MQTT topic                      sensors/dev-17/temp
+    {topic[N]}     its Nth level, 0-based; -1 = last   {topic[1]} -> dev-17
+    {attr:NAME}    a message attribute                 {attr:device_id}
+    {id}           the gateway message id (spreads messages evenly, no order)
+
+A placeholder without a value renders as ''. A key that renders empty means "no key".
+Not ``str.format``: a template from config must not reach attributes of Python objects.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from gateway.errors import ConfigError
+from gateway.message import ATTR_MQTT_TOPIC, QueueMessage
+
+_PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
+_LEVEL = re.compile(r"topic\[(-?[0-9]+)\]")
+
+Part = Callable[[QueueMessage], str]
+
+
+def _literal(text: str) -> Part:
+    return lambda _msg: text
+
+
+def _topic(msg: QueueMessage) -> str:
+    return msg.attributes.get(ATTR_MQTT_TOPIC, "")
+
+
+def _level(index: int) -> Part:
+    def part(msg: QueueMessage) -> str:
+        levels = _topic(msg).split("/")
+        try:
+            return levels[index]
+        except IndexError:
+            return ""
+    return part
+
+
+def _attr(name: str) -> Part:
+    return lambda msg: msg.attributes.get(name, "")
+
+
+def _id(msg: QueueMessage) -> str:
+    return msg.id
+
+
+@dataclass(frozen=True, slots=True)
+class KeyTemplate:
+    template: str
+    parts: tuple[Part, ...]
+
+    @classmethod
+    def parse(cls, template: str, key: str = "queue.kafka_message_key") -> KeyTemplate:
+        parts: list[Part] = []
+        pos = 0
+        for match in _PLACEHOLDER.finditer(template):
+            if match.start() > pos:
+                parts.append(_literal(template[pos:match.start()]))
+            parts.append(_placeholder(match.group(1), template, key))
+            pos = match.end()
+        rest = template[pos:]
+        if "{" in rest or "}" in rest:
+            raise ConfigError(key, template, "unbalanced '{' or '}'")
+        if rest:
+            parts.append(_literal(rest))
+        return cls(template, tuple(parts))
+
+    def render(self, msg: QueueMessage) -> bytes | None:
+        if not self.parts:
+            return None
+        text = "".join(part(msg) for part in self.parts)
+        return text.encode("utf-8") if text else None
+
+
+def _placeholder(name: str, template: str, key: str) -> Part:
+    if name == "topic":
+        return _topic
+    if name == "id":
+        return _id
+    level = _LEVEL.fullmatch(name)
+    if level:
+        return _level(int(level.group(1)))
+    if name.startswith("attr:") and len(name) > len("attr:"):
+        return _attr(name[len("attr:"):])
+    raise ConfigError(key, template, f"unknown placeholder {{{name}}}; use {{topic}}, "
+                      "{topic[N]}, {attr:NAME} or {id}")

@@ -1,0 +1,9 @@
+"""Fixtures of the integration tests.
+
+Imported rather than listed in ``pytest_plugins``: pytest refuses ``pytest_plugins`` in a
+conftest below the root one when the whole ``tests`` tree is collected.
+"""
+
+from tests.integration.kafka_fixtures import kafka_broker
+
+__all__ = ["kafka_broker"]

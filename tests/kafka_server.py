@@ -1,0 +1,223 @@
+"""A real single-node Apache Kafka 3.9 broker (KRaft) for tests and benchmarks.
+
+The broker runs from the official ``org.apache.kafka:kafka_2.13`` jars that
+``scripts/kafka/fetch-jars.sh`` puts in ``.cache/kafka-jars`` (or ``$KAFKA_JARS_DIR``); no
+Docker, no distribution tarball. ``kafka_server()`` writes a ``server.properties`` for one
+combined broker+controller node on free loopback ports, formats its storage with
+``kafka.tools.StorageTool`` (a process of its own: the tool exits the JVM) and returns a
+ServerProcess. Ready means the broker logged "Kafka Server started" *in this run* and
+answers a metadata request, not merely a TCP connect. ``restart()`` keeps the ports and
+the data directory, so a restarted broker has every acknowledged record.
+
+Missing jars or java skip the test locally and fail it when CI=true, like require_binary.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from tests.servers import IN_CI, ServerProcess, free_port
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_JARS_DIR = REPO / ".cache" / "kafka-jars"
+STARTED_MESSAGE = b"Kafka Server started"
+HEAP = os.environ.get("KAFKA_TEST_HEAP", "-Xmx512m")
+
+_LOG4J = """\
+log4j.rootLogger=WARN, stdout
+log4j.appender.stdout=org.apache.log4j.ConsoleAppender
+log4j.appender.stdout.layout=org.apache.log4j.PatternLayout
+log4j.appender.stdout.layout.ConversionPattern=[%d] %p %m (%c)%n
+log4j.logger.kafka.server.KafkaRaftServer=INFO
+log4j.logger.kafka.Kafka=INFO
+log4j.logger.org.apache.kafka.storage.internals.log.LogLoader=INFO
+"""
+
+
+def jars_dir() -> Path:
+    return Path(os.environ.get("KAFKA_JARS_DIR") or DEFAULT_JARS_DIR)
+
+
+def missing_requirements() -> str | None:
+    """Why a broker cannot be started here, or None when it can."""
+    if shutil.which("java") is None:
+        return "java is not installed (apt-get install openjdk-17-jre-headless)"
+    if not list(jars_dir().glob("kafka_2.13-*.jar")):
+        return f"no Kafka jars in {jars_dir()} (run: bash scripts/kafka/fetch-jars.sh)"
+    return None
+
+
+def require_kafka() -> None:
+    """Skip locally, fail in CI, when the broker cannot be started."""
+    why = missing_requirements()
+    if why is not None:
+        if IN_CI:
+            pytest.fail(f"CI must run the Kafka integration tests: {why}")
+        pytest.skip(why)
+
+
+def new_cluster_id() -> str:
+    """What ``kafka-storage random-uuid`` prints: 16 random bytes, base64url, no padding."""
+    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+
+
+def _java(main: str, *args: str, log4j: Path) -> list[str]:
+    classpath = str(jars_dir() / "*")
+    return ["java", HEAP, "-Xms128m", "-XX:+UseSerialGC", "-Djava.awt.headless=true",
+            f"-Dlog4j.configuration=file:{log4j}", "-cp", classpath, main, *args]
+
+
+@dataclass
+class KafkaBroker(ServerProcess):
+    """A ServerProcess whose readiness looks only at the log written since this start."""
+
+    controller_port: int = 0
+    data_dir: Path = field(default_factory=Path)
+    _log_offset: int = 0
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 90.0) -> None:
+        try:
+            self._log_offset = self.log_path.stat().st_size
+        except FileNotFoundError:
+            self._log_offset = 0
+        super().start(timeout)
+
+    def started_in_log(self) -> bool:
+        try:
+            with open(self.log_path, "rb") as fh:
+                fh.seek(self._log_offset)
+                return STARTED_MESSAGE in fh.read()
+        except OSError:
+            return False
+
+
+def kafka_server(workdir: Path, port: int | None = None, *,
+                 extra_properties: str = "") -> KafkaBroker:
+    """A formatted, not yet started, single-node KRaft broker under ``workdir``."""
+    require_kafka()
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = port or free_port()
+    controller_port = free_port()
+    while controller_port == port:
+        controller_port = free_port()
+    data_dir = workdir / "data"
+    log4j = workdir / "log4j.properties"
+    log4j.write_text(_LOG4J)
+    props = workdir / "server.properties"
+    props.write_text(_server_properties(port, controller_port, data_dir) + extra_properties)
+    _format_storage(props, log4j, workdir)
+    argv = _java("kafka.Kafka", str(props), log4j=log4j)
+    return KafkaBroker("kafka", argv, workdir, port, _ready, controller_port=controller_port,
+                       data_dir=data_dir)
+
+
+def _server_properties(port: int, controller_port: int, data_dir: Path) -> str:
+    return f"""\
+process.roles=broker,controller
+node.id=1
+controller.quorum.voters=1@127.0.0.1:{controller_port}
+listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}
+advertised.listeners=PLAINTEXT://127.0.0.1:{port}
+controller.listener.names=CONTROLLER
+inter.broker.listener.name=PLAINTEXT
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+log.dirs={data_dir}
+num.partitions=1
+default.replication.factor=1
+min.insync.replicas=1
+offsets.topic.replication.factor=1
+offsets.topic.num.partitions=4
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+transaction.state.log.num.partitions=2
+group.initial.rebalance.delay.ms=0
+auto.create.topics.enable=false
+delete.topic.enable=true
+num.network.threads=2
+num.io.threads=4
+log.flush.interval.messages=9223372036854775807
+"""
+
+
+def _format_storage(props: Path, log4j: Path, workdir: Path) -> None:
+    if (workdir / "data" / "meta.properties").exists():
+        return
+    argv = _java("kafka.tools.StorageTool", "format", "-t", new_cluster_id(), "-c", str(props),
+                 "--ignore-formatted", log4j=log4j)
+    done = subprocess.run(argv, cwd=workdir, capture_output=True, timeout=120, check=False)
+    if done.returncode != 0:
+        raise RuntimeError("kafka StorageTool format failed:\n"
+                           + (done.stdout + done.stderr).decode(errors="replace")[-4000:])
+
+
+def _ready(server: ServerProcess) -> bool:
+    assert isinstance(server, KafkaBroker)
+    return server.started_in_log() and metadata_ok(server.port)
+
+
+def metadata_ok(port: int) -> bool:
+    """One Metadata v0 request (all topics) answered with at least one broker."""
+    # header: api_key 3 (Metadata), version 0, correlation id 1, client id; body: no topics
+    request = struct.pack(">hhih", 3, 0, 1, 5) + b"probe" + struct.pack(">i", 0)
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+            s.sendall(struct.pack(">i", len(request)) + request)
+            header = _recv_exact(s, 4)
+            body = _recv_exact(s, struct.unpack(">i", header)[0])
+    except OSError:
+        return False
+    correlation_id, broker_count = struct.unpack(">ii", body[:8])
+    return correlation_id == 1 and broker_count >= 1
+
+
+def _recv_exact(s: socket.socket, n: int) -> bytes:
+    chunks = bytearray()
+    while len(chunks) < n:
+        chunk = s.recv(n - len(chunks))
+        if not chunk:
+            raise ConnectionError("closed")
+        chunks += chunk
+    return bytes(chunks)
+
+
+@dataclass
+class _Shared:
+    broker: KafkaBroker | None = None
+    users: int = 0
+
+
+_SHARED = _Shared()
+
+
+@contextlib.contextmanager
+def shared_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaBroker]:
+    """One broker per test session, however many fixtures (integration, contract, benchmark
+    helpers) ask for it; the last user to leave stops it."""
+    if _SHARED.broker is None:
+        broker = kafka_server(tmp_path_factory.mktemp("kafka"))
+        broker.start()
+        _SHARED.broker = broker
+    _SHARED.users += 1
+    try:
+        yield _SHARED.broker
+    finally:
+        _SHARED.users -= 1
+        if _SHARED.users == 0 and _SHARED.broker is not None:
+            _SHARED.broker.stop()
+            _SHARED.broker = None
