@@ -1,22 +1,24 @@
 """The contract suite runs once per backend named in CONTRACT_BACKENDS.
 
 A backend joins by adding its name here and an async fixture ``<name>_backend`` (in
-tests/contract/backends.py or a module listed in ``pytest_plugins``) that yields a
-``ContractTarget``: a connected MessageQueueInterface whose queues are unique to the test,
-plus the optional hooks that only the backend knows how to provide (a message it refuses,
-a view of its dead letters).
+tests/contract/backends.py or its own module, imported below) that yields a ``ContractTarget``: a connected
+MessageQueueInterface whose queues are unique to the test, plus the optional hooks only
+the backend can provide (a message it refuses, a view of its dead letters).
+
+The fixtures are imported rather than listed in ``pytest_plugins``: pytest refuses
+``pytest_plugins`` in a conftest below the root one when the whole ``tests`` tree is
+collected.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import pytest
 
-if TYPE_CHECKING:  # imported by pytest_plugins; importing it here would defeat assert rewriting
-    from tests.contract.backends import ContractTarget
+from tests.contract.backend_kafka import kafka_backend, kafka_broker
+from tests.contract.backends import ContractTarget, redis_backend, sqlite_backend
 
-pytest_plugins = ["tests.contract.backends", "tests.contract.backend_kafka"]
+__all__ = ["ContractTarget", "backend", "kafka_backend", "kafka_broker", "redis_backend",
+           "sqlite_backend"]
 
 CONTRACT_BACKENDS = ["sqlite", "redis", "kafka"]
 
