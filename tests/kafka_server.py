@@ -84,6 +84,7 @@ class KafkaBroker(ServerProcess):
     """A ServerProcess whose readiness looks only at the log written since this start."""
 
     controller_port: int = 0
+    sasl_port: int = 0
     data_dir: Path = field(default_factory=Path)
     _log_offset: int = 0
 
@@ -109,34 +110,59 @@ class KafkaBroker(ServerProcess):
 
 def kafka_server(workdir: Path, port: int | None = None, *,
                  extra_properties: str = "") -> KafkaBroker:
-    """A formatted, not yet started, single-node KRaft broker under ``workdir``."""
+    """A formatted, not yet started, single-node KRaft broker under ``workdir``.
+
+    Two client listeners: PLAINTEXT on ``port`` and SASL_PLAINTEXT on ``sasl_port`` (PLAIN,
+    SCRAM-SHA-256 and SCRAM-SHA-512 for user SASL_USER / SASL_PASSWORD)."""
     require_kafka()
     workdir.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
-    controller_port = free_port()
-    while controller_port == port:
-        controller_port = free_port()
+    taken = {port}
+    controller_port, sasl_port = _another_port(taken), _another_port(taken)
     data_dir = workdir / "data"
     log4j = workdir / "log4j.properties"
     log4j.write_text(_LOG4J)
     props = workdir / "server.properties"
-    props.write_text(_server_properties(port, controller_port, data_dir) + extra_properties)
+    props.write_text(_server_properties(port, sasl_port, controller_port, data_dir)
+                     + extra_properties)
     _format_storage(props, log4j, workdir)
     argv = _java("kafka.Kafka", str(props), log4j=log4j)
     return KafkaBroker("kafka", argv, workdir, port, _ready, controller_port=controller_port,
-                       data_dir=data_dir)
+                       sasl_port=sasl_port, data_dir=data_dir)
 
 
-def _server_properties(port: int, controller_port: int, data_dir: Path) -> str:
+def _another_port(taken: set[int]) -> int:
+    port = free_port()
+    while port in taken:
+        port = free_port()
+    taken.add(port)
+    return port
+
+
+SASL_USER = "gateway"
+SASL_PASSWORD = "gateway-secret"
+
+
+def _server_properties(port: int, sasl_port: int, controller_port: int, data_dir: Path) -> str:
+    jaas = "org.apache.kafka.common.security"
     return f"""\
 process.roles=broker,controller
 node.id=1
 controller.quorum.voters=1@127.0.0.1:{controller_port}
-listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}
-advertised.listeners=PLAINTEXT://127.0.0.1:{port}
+listeners=PLAINTEXT://127.0.0.1:{port},SASL_PLAINTEXT://127.0.0.1:{sasl_port},\
+CONTROLLER://127.0.0.1:{controller_port}
+advertised.listeners=PLAINTEXT://127.0.0.1:{port},SASL_PLAINTEXT://127.0.0.1:{sasl_port}
 controller.listener.names=CONTROLLER
 inter.broker.listener.name=PLAINTEXT
-listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT,\
+CONTROLLER:PLAINTEXT
+sasl.enabled.mechanisms=PLAIN,SCRAM-SHA-256,SCRAM-SHA-512
+listener.name.sasl_plaintext.plain.sasl.jaas.config={jaas}.plain.PlainLoginModule required \
+user_{SASL_USER}="{SASL_PASSWORD}";
+listener.name.sasl_plaintext.scram-sha-256.sasl.jaas.config=\
+{jaas}.scram.ScramLoginModule required;
+listener.name.sasl_plaintext.scram-sha-512.sasl.jaas.config=\
+{jaas}.scram.ScramLoginModule required;
 log.dirs={data_dir}
 num.partitions=1
 default.replication.factor=1
@@ -158,8 +184,10 @@ log.flush.interval.messages=9223372036854775807
 def _format_storage(props: Path, log4j: Path, workdir: Path) -> None:
     if (workdir / "data" / "meta.properties").exists():
         return
+    scram = [arg for mech in ("SCRAM-SHA-256", "SCRAM-SHA-512") for arg in
+             ("--add-scram", f"{mech}=[name={SASL_USER},password={SASL_PASSWORD}]")]
     argv = _java("kafka.tools.StorageTool", "format", "-t", new_cluster_id(), "-c", str(props),
-                 "--ignore-formatted", log4j=log4j)
+                 "--ignore-formatted", *scram, log4j=log4j)
     done = subprocess.run(argv, cwd=workdir, capture_output=True, timeout=120, check=False)
     if done.returncode != 0:
         raise RuntimeError("kafka StorageTool format failed:\n"
