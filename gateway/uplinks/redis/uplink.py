@@ -18,6 +18,8 @@ name (``redis_consumer_name`` or the gateway id). ``consume`` first re-delivers 
 consumer's own pending entries (left by a crash or restart), then keeps reclaiming entries
 other consumers left pending longer than ``redis_claim_idle`` (XAUTOCLAIM) and reads new
 ones with a blocking XREADGROUP. It survives outages: it backs off and resumes.
+Publishing is at least once as well: a batch whose answer was lost is sent again, so a
+stream can hold one ``id`` twice; consumers deduplicate by ``id``.
 
 - acknowledge = XACK, then XDEL in the same MULTI when ``redis_delete_acked`` (default), so
   the stream holds exactly the unacknowledged backlog and memory stays bounded. Switch it
@@ -210,11 +212,13 @@ class RedisStreamsQueue(MessageQueueInterface):
             return
         timeout = self.settings.redis_socket_timeout
         try:
-            # No client-side retries: a retried pipeline could append twice, and the
-            # forwarder and consume() back off on UplinkUnavailable themselves.
+            # One immediate retry on a fresh connection, for the pooled connection a server
+            # restart left dead. No more: timeouts and real outages surface at once as
+            # UplinkUnavailable, and the forwarder and consume() back off themselves.
             client = aioredis.Redis.from_url(
                 self.settings.redis_url, socket_timeout=timeout, socket_connect_timeout=timeout,
-                retry=Retry(NoBackoff(), 0), decode_responses=False, protocol=2)
+                retry=Retry(NoBackoff(), 1, supported_errors=(rexc.ConnectionError,)),
+                decode_responses=False, protocol=2)
         except ValueError as exc:
             raise ConfigError("queue.redis_url", "<hidden>", f"not a Redis URL: {exc}") from None
         try:
