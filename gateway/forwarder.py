@@ -36,7 +36,7 @@ log = logging.getLogger("gateway.forwarder")
 #: the store queue the ingress fills and the forwarder drains
 UPLINK_QUEUE = "default"
 #: the longest the forwarder sleeps without a wake-up from this process's store
-EXTERNAL_WRITE_WAKEUP = 30.0
+EXTERNAL_WRITE_WAKEUP = 5.0
 
 
 def full_jitter(attempt: int, base: float, cap: float) -> float:

@@ -104,10 +104,16 @@ def main() -> int:
     pending: dict[int, bytes] = {}
     lock = threading.Lock()
 
+    early: set[int] = set()  # acks that arrive before publish() returned
+
     def on_publish(client, userdata, mid, reason, props) -> None:  # type: ignore[no-untyped-def]
+        if reason.is_failure:
+            return
         with lock:
             body = pending.pop(mid, None)
-            if body is not None and not reason.is_failure:
+            if body is None:
+                early.add(mid)
+            else:
                 acked.add(body)
 
     pub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="demo-sensors", protocol=mqtt.MQTTv5)
@@ -134,8 +140,13 @@ def main() -> int:
         sensor = n % args.sensors
         body = orjson.dumps({"sensor": sensor, "n": n, "temp": round(20 + random.gauss(0, 2), 2),
                              "ts": time.time()})
+        mid = pub.publish(f"sensors/dev{sensor}/temp", body, qos=1).mid  # not under our lock
         with lock:
-            pending[pub.publish(f"sensors/dev{sensor}/temp", body, qos=1).mid] = body
+            if mid in early:
+                early.discard(mid)
+                acked.add(body)
+            else:
+                pending[mid] = body
         time.sleep(max(0.0, began + (n + 1) / args.rate - time.monotonic()))
     if redis_down:
         redis_proc = start(redis_argv, work / "redis.log")

@@ -113,6 +113,7 @@ class Publisher:
     port: int
     acked: list[bytes] = field(default_factory=list)
     _pending: dict[int, bytes] = field(default_factory=dict)
+    _early: set[int] = field(default_factory=set)  # acks that beat publish() returning
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
@@ -125,15 +126,25 @@ class Publisher:
         self.client.loop_start()
 
     def _on_publish(self, client: Any, userdata: Any, mid: int, reason: Any, props: Any) -> None:
+        if reason.is_failure:
+            return
         with self._lock:
             payload = self._pending.pop(mid, None)
-            if payload is not None and not reason.is_failure:
+            if payload is None:
+                self._early.add(mid)
+            else:
                 self.acked.append(payload)
 
     def publish(self, topic: str, payload: bytes, qos: int = 1) -> None:
+        # paho calls on_publish from its network thread while holding its own locks: never
+        # hold ours across client.publish().
+        info = self.client.publish(topic, payload, qos=qos)
         with self._lock:
-            info = self.client.publish(topic, payload, qos=qos)
-            self._pending[info.mid] = payload
+            if info.mid in self._early:
+                self._early.discard(info.mid)
+                self.acked.append(payload)
+            else:
+                self._pending[info.mid] = payload
 
     def wait_all_acked(self, n: int, timeout: float = 30) -> None:
         wait_until(lambda: len(self.acked) >= n, timeout, f"{n} PUBACKs")
