@@ -436,11 +436,11 @@ class RedisStreamsQueue(MessageQueueInterface):
         record = self._take(message_id)
         if record is None:
             return False
-        pipe = self.client.pipeline(transaction=True)
-        pipe.xack(record.stream, self.group, record.entry_id)
-        if self.settings.redis_delete_acked:
-            pipe.xdel(record.stream, record.entry_id)
         try:
+            pipe = self.client.pipeline(transaction=True)
+            pipe.xack(record.stream, self.group, record.entry_id)
+            if self.settings.redis_delete_acked:
+                pipe.xdel(record.stream, record.entry_id)
             with _boundary("acknowledge"):
                 replies = await pipe.execute()
         except BaseException:
