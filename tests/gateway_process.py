@@ -51,7 +51,7 @@ class GatewayProcess:
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         result = subprocess.run([sys.executable, "-m", "gateway", "-c", str(self.config), *args],
                                 cwd=REPO, capture_output=True, text=True, timeout=60,
-                                env=_env())
+                                env=_env(), check=False)
         if check and result.returncode != 0:
             raise AssertionError(f"{args} exited {result.returncode}: {result.stderr}")
         return result

@@ -8,6 +8,7 @@ binary skips the test locally and fails it when CI=true: CI must never pass by s
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import shutil
 import signal
@@ -32,6 +33,19 @@ def require_binary(name: str, hint: str) -> str:
             pytest.fail(f"CI must run integration tests: {message}")
         pytest.skip(message)
     return path
+
+
+try:
+    _prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl  # loaded before any fork
+except (OSError, AttributeError):
+    _prctl = None
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: get SIGTERM when the test process dies, even by SIGKILL or
+    an outer `timeout`, so no server outlives its test run. Only one syscall runs here."""
+    if _prctl is not None:
+        _prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def free_port() -> int:
@@ -65,7 +79,8 @@ class ServerProcess:
     def start(self, timeout: float = 20.0) -> None:
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child
         self.proc = subprocess.Popen(self.argv, cwd=self.workdir, stdout=log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+                                     stderr=subprocess.STDOUT, start_new_session=True,
+                                     preexec_fn=_die_with_parent)  # noqa: PLW1509
         log.close()
         try:
             wait_until(lambda: self._alive() and self.ready(self), timeout, self.name)

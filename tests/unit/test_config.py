@@ -91,7 +91,8 @@ def test_seed_env_variables(tmp_path: Path) -> None:
         "OPENHQM_QUEUE__KAFKA_TOPICS": '["openhqm-requests"]',
         "OPENHQM_INGRESS__PORT": "1884",
     }
-    cfg = load_config(write(tmp_path, SEED_QUEUES["redis"].replace("  redis_url: \"redis://localhost:6379/0\"\n", "")), env)
+    file_without_redis_url = SEED_QUEUES["redis"].replace('  redis_url: "redis://localhost:6379/0"\n', "")
+    cfg = load_config(write(tmp_path, file_without_redis_url), env)
     assert cfg.queue.type == "kafka"
     assert cfg.queue.settings.kafka_topics == ["openhqm-requests"]
     assert cfg.queue.settings.kafka_bootstrap_servers == "kafka1:9092,kafka2:9092"
