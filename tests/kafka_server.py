@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.servers import IN_CI, ServerProcess, free_port
+from tests.servers import IN_CI, ServerProcess, free_port, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_JARS_DIR = REPO / ".cache" / "kafka-jars"
@@ -93,11 +93,27 @@ class KafkaBroker(ServerProcess):
         return f"127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 90.0) -> None:
+        self.spawn()
+        self.wait_started(timeout)
+
+    def spawn(self) -> None:
+        """Launch the JVM without waiting. Call it from the main thread: a broker launched
+        from a worker thread (asyncio.to_thread) dies when that thread ends."""
         try:
             self._log_offset = self.log_path.stat().st_size
         except FileNotFoundError:
             self._log_offset = 0
-        super().start(timeout)
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(self.argv, cwd=self.workdir, stdout=log,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait_started(self, timeout: float = 90.0) -> None:
+        """Block until ready (safe to run in a worker thread)."""
+        try:
+            wait_until(lambda: self._alive() and self.ready(self), timeout, self.name)
+        except TimeoutError:
+            self.stop()
+            raise RuntimeError(f"{self.name} did not start; log:\n{self.log_text()}") from None
 
     def started_in_log(self) -> bool:
         try:

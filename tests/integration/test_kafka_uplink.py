@@ -411,7 +411,8 @@ async def test_broker_outage_mid_drain_loses_nothing_and_keeps_per_key_order(
         await asyncio.sleep(2.0)
         assert forwarder.stats.state in ("backing_off", "connecting")
         assert await uplink.health_check() is False
-        await asyncio.to_thread(kafka_broker.start)  # same port, same data dir
+        kafka_broker.spawn()  # same port, same data dir
+        await asyncio.to_thread(kafka_broker.wait_started)
         await feeder.rounds(100)
         total = sum(feeder.sent.values())
 

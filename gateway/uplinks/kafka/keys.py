@@ -77,9 +77,13 @@ class KeyTemplate:
         return cls(template, tuple(parts))
 
     def render(self, msg: QueueMessage) -> bytes | None:
-        if not self.parts:
+        parts = self.parts
+        if len(parts) == 1:  # the usual case: one placeholder, no join
+            text = parts[0](msg)
+        elif not parts:
             return None
-        text = "".join(part(msg) for part in self.parts)
+        else:
+            text = "".join([part(msg) for part in parts])
         return text.encode("utf-8") if text else None
 
 

@@ -90,6 +90,8 @@ class Publisher:
         self.producer = producer
         self.key = key
         self.max_request_size = max_request_size
+        #: bodies shorter than this cannot reach max_request_size with sane keys and headers
+        self._quick_limit = max_request_size // 2 - 64 * 1024
         self.delivery_timeout = delivery_timeout
         self.metadata_timeout = metadata_timeout
         self.create_topic = create_topic
@@ -128,8 +130,9 @@ class Publisher:
         joined: list[tuple[int, asyncio.Future[Any]]] = []
         by_partition: dict[int, list[Record]] = {}
         keyless = random.choice(partitions)
+        orphans = self._orphans
         for index, msg in enumerate(messages):
-            pending = self._join_orphan(topic, msg.id)
+            pending = self._join_orphan(topic, msg.id) if orphans else None
             if pending is not None:
                 joined.append((index, pending))
                 continue
@@ -160,8 +163,11 @@ class Publisher:
         return tuple(sorted(found))
 
     def _oversized(self, record: Record) -> MessageRejected | None:
+        body = record.message.body
+        if len(body) < self._quick_limit and len(record.headers) < 64:
+            return None  # far below the limit whatever the key and headers add
         size = DefaultRecordBatchBuilder.estimate_size_in_bytes(
-            record.key, record.message.body, record.headers)
+            record.key, body, record.headers)
         if size <= self.max_request_size:
             return None
         return MessageRejected(f"message is {size} bytes with key and headers, more than "
@@ -173,11 +179,20 @@ class Publisher:
     async def _send_partition(self, topic: str, partition: int, records: list[Record],
                               results: list[PublishResult | None], deadline: float) -> None:
         position = 0
+        upcoming: tuple[Any, int] | None = self._build(records, 0)
         try:
-            while position < len(records):
-                batch, count = self._build(records, position)
+            while upcoming is not None:
+                batch, count = upcoming
                 group = records[position:position + count]
-                error = await self._deliver(topic, partition, batch, group, deadline)
+                after = position + count
+                prebuilt: list[tuple[Any, int]] = []
+
+                def build_next(after: int = after, prebuilt: list[tuple[Any, int]] = prebuilt) -> None:
+                    if after < len(records):  # while the broker works on this batch
+                        prebuilt.append(self._build(records, after))
+
+                error = await self._deliver(topic, partition, batch, group, deadline,
+                                            meanwhile=build_next)
                 if error is not None and isinstance(error, RECORD_REJECTED) and count > 1:
                     await self._isolate(topic, partition, group, results, deadline)
                 elif error is not None:
@@ -187,12 +202,14 @@ class Publisher:
                     for rec in group:
                         results[rec.index] = PublishResult(rec.message.id, failed)
                     if failed.retryable:  # keep order: nothing behind a retryable failure
-                        _fill(records[position + count:], results, failed)
+                        _fill(records[after:], results, failed)
                         return
                 else:
                     for rec in group:
                         results[rec.index] = PublishResult(rec.message.id)
-                position += count
+                position = after
+                upcoming = prebuilt[0] if prebuilt else (
+                    self._build(records, after) if after < len(records) else None)
         except _Unavailable as stop:
             _fill([r for r in records if results[r.index] is None], results, stop.error)
 
@@ -208,8 +225,10 @@ class Publisher:
         return batch, count
 
     async def _deliver(self, topic: str, partition: int, batch: Any, group: list[Record],
-                       deadline: float) -> BaseException | None:
-        """Send one batch and wait for the broker. Returns the failure, raises _Unavailable."""
+                       deadline: float, *, meanwhile: Callable[[], None] | None = None,
+                       ) -> BaseException | None:
+        """Send one batch and wait for the broker (running ``meanwhile`` once it is queued).
+        Returns the failure; raises _Unavailable."""
         remaining = deadline - time.monotonic()
         try:
             future = await asyncio.wait_for(
@@ -220,6 +239,8 @@ class Publisher:
                 f"{self.delivery_timeout:g}s", backend=BACKEND)) from None
         except (ke.KafkaError, OSError) as exc:
             return exc
+        if meanwhile is not None:
+            meanwhile()
         done, _ = await asyncio.wait({future}, timeout=max(deadline - time.monotonic(), 0))
         if not done:
             for rec in group:
