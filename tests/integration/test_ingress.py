@@ -145,6 +145,7 @@ async def test_qos1_messages_stored_in_per_topic_order(
     first = msgs[0]
     assert first.attributes == {"mqtt_topic": first.topic, "mqtt_qos": "1"}
     assert len(first.id) == 32
+    assert abs(int(first.id[:12], 16) - first.received_at * 1000) < 2  # the id scheme
     assert len({m.id for m in msgs}) == 600
     assert (ingress.received, ingress.dropped, ingress.dead_lettered) == (600, 0, 0)
     assert not ingress.connected
