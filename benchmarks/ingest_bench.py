@@ -159,6 +159,9 @@ def main() -> None:
     parser.add_argument("--durability", choices=["full", "normal"], default="full")
     parser.add_argument("--protocol", choices=["5", "3.1.1"], default="5")
     parser.add_argument("--receive-maximum", type=int, default=IngressConfig().receive_maximum)
+    parser.add_argument("--max-inflight", type=int, default=0,
+                        help="mosquitto max_inflight_messages (0 = unlimited; its default "
+                             "is 20, which caps an MQTT 3.1.1 subscriber's window)")
     parser.add_argument("--profile", metavar="FILE", help="cProfile the gateway drain into FILE")
     args = parser.parse_args()
     count = args.messages
@@ -167,7 +170,8 @@ def main() -> None:
     topic_filter = f"{prefix}/#"
     with tempfile.TemporaryDirectory(prefix="ingest-bench-") as tmp:
         workdir = Path(tmp)
-        server = mosquitto_server(workdir / "mosquitto", extra_conf="autosave_interval 0\n")
+        server = mosquitto_server(workdir / "mosquitto", extra_conf=(
+            f"autosave_interval 0\nmax_inflight_messages {args.max_inflight}\n"))
         server.start()
         try:
             client_a, client_b = f"bench-sub-{run_id}", f"bench-gw-{run_id}"
@@ -195,7 +199,8 @@ def main() -> None:
     print(f"protocol MQTT {args.protocol}, durability={args.durability}, "
           f"commit_interval_ms={store.cfg.commit_interval_ms}, "
           f"commit_batch_size={store.cfg.commit_batch_size}, "
-          f"receive_maximum={args.receive_maximum}")
+          f"receive_maximum={args.receive_maximum}, "
+          f"broker max_inflight_messages={args.max_inflight}")
     print(f"mosquitto_sub : {sub_rate:10,.0f} msg/s  ({sub_seconds:.3f}s, process start to exit)")
     print(f"gateway       : {gw_rate:10,.0f} msg/s  ({gw_seconds:.3f}s, run() start to the "
           f"last PUBACK after commit)")
