@@ -6,7 +6,11 @@ cd "$(dirname "$0")/.."
 source scripts/_setup_common.sh
 
 install_debian python3-venv mosquitto mosquitto-clients redis-server kcat
-install_python "test,kafka"
+command -v java >/dev/null || install_debian openjdk-17-jre-headless
+command -v mvn >/dev/null || install_debian maven
+install_python "test"
+echo "==> Kafka broker jars (Maven Central)"
+bash scripts/kafka/fetch-jars.sh
 
 echo "==> ruff"
 .venv/bin/ruff check gateway tests benchmarks

@@ -202,7 +202,9 @@ def _format_storage(props: Path, log4j: Path, workdir: Path) -> None:
         return
     scram = [arg for mech in ("SCRAM-SHA-256", "SCRAM-SHA-512") for arg in
              ("--add-scram", f"{mech}=[name={SASL_USER},password={SASL_PASSWORD}]")]
-    argv = _java("kafka.tools.StorageTool", "format", "-t", new_cluster_id(), "-c", str(props),
+    # "--cluster-id=ID": a base64url id may start with "-", which argparse takes for an option
+    argv = _java("kafka.tools.StorageTool", "format", f"--cluster-id={new_cluster_id()}",
+                 "-c", str(props),
                  "--ignore-formatted", *scram, log4j=log4j)
     done = subprocess.run(argv, cwd=workdir, capture_output=True, timeout=120, check=False)
     if done.returncode != 0:
