@@ -50,7 +50,6 @@ import collections
 import contextlib
 import logging
 import math
-import os
 import random
 import ssl
 import struct
@@ -86,8 +85,10 @@ from gateway.message import (
     ATTR_CONTENT_TYPE,
     ATTR_MESSAGE_ID,
     ATTR_MQTT_QOS,
+    ATTR_MQTT_RETAIN,
     ATTR_MQTT_TOPIC,
     new_message_id,
+    new_message_ids,
 )
 from gateway.store.records import AppendOutcome, AppendStatus, NewMessage
 
@@ -95,7 +96,6 @@ log = logging.getLogger("gateway.ingress")
 
 Sink = Callable[[list[NewMessage]], Awaitable[list[AppendOutcome]]]
 
-ATTR_MQTT_RETAIN = "mqtt_retain"
 #: attribute names only the gateway sets; a user property cannot override them
 RESERVED_ATTRIBUTES = frozenset(
     {ATTR_MESSAGE_ID, ATTR_MQTT_TOPIC, ATTR_MQTT_QOS, ATTR_MQTT_RETAIN, ATTR_CONTENT_TYPE})
@@ -182,7 +182,7 @@ class _Connection(asyncio.Protocol):
         acks: list[tuple[int, int, int]] = []
         nbytes = 0
         now = time.time()
-        ids = message_ids(len(packets), now)
+        ids = new_message_ids(len(packets), now)
         for packet in packets:
             if type(packet) is not Publish:
                 self._control(packet)
@@ -549,15 +549,6 @@ class MqttIngress:
                          sub.topic, code, sub.qos)
         if failed == len(subs):
             raise ConnectFailed("the broker refused every subscription")
-
-
-def message_ids(count: int, now: float) -> list[str]:
-    """``count`` ids of the ``gateway.message`` scheme (48 bits of milliseconds, then 80
-    random bits) from one ``os.urandom`` call: a syscall per message was the largest single
-    cost of the receive path."""
-    prefix = f"{int(now * 1000) & 0xFFFF_FFFF_FFFF:012x}"
-    random_hex = os.urandom(10 * count).hex()
-    return [prefix + random_hex[i:i + 20] for i in range(0, 20 * count, 20)]
 
 
 def _ssl_context(tls: TlsConfig) -> ssl.SSLContext:

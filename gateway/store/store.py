@@ -4,9 +4,9 @@ Promises (on top of the SQL invariants in ``gateway.store.db``):
 
 - ``append`` resolves only after the messages' transaction committed. Concurrent appends
   are coalesced: while one commit runs, newcomers gather, and the next commit takes them all
-  (up to ``commit_batch_size``). Commits start at most once per ``commit_interval_ms``, which
-  bounds fsyncs per second on an SD card; a message waits at most that interval plus one
-  commit before it is durable.
+  (up to ``commit_batch_size``; one append is never split, so a large one can exceed it).
+  Commits start at most once per ``commit_interval_ms``, which bounds fsyncs per second on
+  an SD card; a message waits at most that interval plus one commit before it is durable.
 - Every SQLite call runs on one thread, in submission order; the event loop never blocks on
   disk I/O.
 - ``wait_ready`` wakes a consumer when messages are committed or released, or when the
@@ -70,6 +70,7 @@ class Store:
         self._closing = False
         #: time spent in the last append commit, seconds (for metrics and benchmarks)
         self.last_commit_seconds = 0.0
+        self.commit_seconds_total = 0.0
         self.commits = 0
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -179,6 +180,7 @@ class Store:
                 self._notify(queue)
         self._last_commit = time.monotonic()
         self.last_commit_seconds = self._last_commit - started
+        self.commit_seconds_total += self.last_commit_seconds
         self.commits += 1
         if self._pending:
             self._wake.set()
