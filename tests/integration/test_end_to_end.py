@@ -16,8 +16,8 @@ import orjson
 import pytest
 import redis as redis_py
 
-from tests.gateway_process import GatewayProcess, Publisher, gateway_config, wait_for
-from tests.servers import ServerProcess
+from tests.gateway_process import GatewayProcess, Publisher, gateway_config
+from tests.servers import ServerProcess, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -81,13 +81,13 @@ def test_uplink_outage_then_catch_up(tmp_path: Path, mosquitto: ServerProcess,
     for body in sent[500:1200]:
         pub.publish(orjson.loads(body)["topic"], body)
     pub.wait_all_acked(1200)
-    wait_for(lambda: gw.status()["uplinks"]["default"]["depth"] > 0, 20, "messages buffered")
+    wait_until(lambda: gw.status()["uplinks"]["default"]["depth"] > 0, 20, "messages buffered")
     redis.start()
     for body in sent[1200:]:
         pub.publish(orjson.loads(body)["topic"], body)
     pub.wait_all_acked(len(sent))
     stream = f"{root}-stream"
-    wait_for(lambda: {b for _, b, _ in read_stream(redis.port, stream)} >= set(sent), 60,
+    wait_until(lambda: {b for _, b, _ in read_stream(redis.port, stream)} >= set(sent), 60,
              "every message in Redis")
     entries = read_stream(redis.port, stream)
     check_per_topic_order(entries)
@@ -113,7 +113,7 @@ def test_sigkill_during_ingest_loses_nothing_acknowledged(tmp_path: Path, mosqui
     pub.wait_all_acked(len(sent))
     gw.start()
     stream = f"{root}-stream"
-    wait_for(lambda: {b for _, b, _ in read_stream(redis.port, stream)} >= set(pub.acked), 60,
+    wait_until(lambda: {b for _, b, _ in read_stream(redis.port, stream)} >= set(pub.acked), 60,
              "every acknowledged message in Redis")
     entries = read_stream(redis.port, stream)
     check_per_topic_order(entries)
@@ -137,7 +137,7 @@ def test_payloads_pass_through_unchanged(tmp_path: Path, mosquitto: ServerProces
     pub.publish(f"{root}/p", b"after")
     pub.wait_all_acked(len(bodies) + 2)
     stream = f"{root}-stream"
-    wait_for(lambda: len(read_stream(redis.port, stream)) >= len(bodies) + 1, 30, "delivery")
+    wait_until(lambda: len(read_stream(redis.port, stream)) >= len(bodies) + 1, 30, "delivery")
     got = [b for _, b, _ in read_stream(redis.port, stream)]
     assert got == [*bodies, b"after"]
     dead = gw.cli("dlq", "list", "--json").stdout.splitlines()
@@ -163,15 +163,15 @@ def test_backend_rejection_dead_letters_while_rest_flow(tmp_path: Path, mosquitt
             pub.publish(f"{root}/bad/x", b"doomed")
     pub.wait_all_acked(21)
     stream = f"{root}-stream"
-    wait_for(lambda: len(read_stream(redis.port, stream)) >= 20, 30, "good messages delivered")
-    wait_for(lambda: gw.status()["uplinks"]["default"]["dead_letter"] == 1, 30, "dead letter")
+    wait_until(lambda: len(read_stream(redis.port, stream)) >= 20, 30, "good messages delivered")
+    wait_until(lambda: gw.status()["uplinks"]["default"]["dead_letter"] == 1, 30, "dead letter")
     (line,) = gw.cli("dlq", "list", "--json").stdout.splitlines()
     entry = orjson.loads(line)
     assert entry["payload"] == "doomed" and "WRONGTYPE" in entry["reason"]
     # Fix the cause, replay, and the message goes through.
     client.delete(f"{root}-wrongtype")
     assert "replayed 1" in gw.cli("dlq", "replay", "--all").stdout
-    wait_for(lambda: client.xlen(f"{root}-wrongtype") == 1, 40, "replayed message delivered")
+    wait_until(lambda: client.xlen(f"{root}-wrongtype") == 1, 40, "replayed message delivered")
     assert gw.stop() == 0
     client.close()
     pub.close()
@@ -186,14 +186,14 @@ def test_sigterm_stops_promptly_and_keeps_backlog(tmp_path: Path, mosquitto: Ser
     for n in range(200):
         pub.publish(f"{root}/t", payload("t", n))
     pub.wait_all_acked(200)
-    wait_for(lambda: gw.status()["uplinks"]["default"]["depth"] == 200, 20, "200 buffered")
+    wait_until(lambda: gw.status()["uplinks"]["default"]["depth"] == 200, 20, "200 buffered")
     started = time.monotonic()
     assert gw.stop() == 0
     assert time.monotonic() - started < 20
     assert gw.status()["uplinks"]["default"]["depth"] == 200
     redis.start()
     gw.start()
-    wait_for(lambda: len(read_stream(redis.port, f"{root}-stream")) == 200, 30, "drained")
+    wait_until(lambda: len(read_stream(redis.port, f"{root}-stream")) == 200, 30, "drained")
     assert gw.status()["uplinks"]["default"]["delivered_total"] == 200
     assert gw.stop() == 0
     pub.close()
