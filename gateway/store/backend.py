@@ -3,8 +3,9 @@
 The gateway's forwarder talks to the store directly; this adapter lets the store stand in
 for a cloud queue (tests, a local consumer on the device, the contract suite). Semantics:
 
-- publish/publish_batch append with the store's durability; a message the store refuses
-  (retention under when_full=reject_new, disk full) is a RetryableError naming the reason.
+- publish/publish_batch append with the store's durability; a message larger than
+  store.max_bytes is MessageRejected; one the store refuses for space (when_full=reject_new,
+  disk full) is a RetryableError naming the reason.
 - consume leases up to ``batch_size`` messages (lease = store.lease) and waits for new ones
   without polling; acknowledge deletes, reject(requeue) schedules a redelivery that counts
   as an attempt (after store.max_attempts it is dead-lettered), reject(no requeue) moves the
@@ -21,7 +22,7 @@ from collections.abc import Sequence
 from typing import Any, Self
 
 from gateway.config import Config, StoreConfig
-from gateway.errors import RetryableError, StoreError, UplinkUnavailable
+from gateway.errors import MessageRejected, RetryableError, StoreError, UplinkUnavailable
 from gateway.message import ATTR_MQTT_TOPIC, Body, QueueMessage, encode_body, new_message_id
 from gateway.queue.interface import Handler, MessageQueueInterface, PublishResult
 from gateway.store.records import AppendOutcome, NewMessage, Settlement
@@ -87,7 +88,11 @@ class SqliteQueue(MessageQueueInterface):
                       attributes: dict[str, str] | None = None, delay_seconds: float = 0, *,
                       message_id: str | None = None) -> str:
         mid = message_id or new_message_id()
-        new = self._new(mid, encode_body(message), attributes or {}, priority, delay_seconds)
+        body = encode_body(message)
+        if len(body) > self._cfg.max_bytes:
+            raise MessageRejected(f"message of {len(body)} bytes exceeds store.max_bytes "
+                                  f"({self._cfg.max_bytes})", backend=self.backend_name)
+        new = self._new(mid, body, attributes or {}, priority, delay_seconds)
         (outcome,) = await self._append(queue_name, [new])
         error = self._error(outcome)
         if error is not None:
@@ -96,12 +101,23 @@ class SqliteQueue(MessageQueueInterface):
 
     async def publish_batch(self, queue_name: str,
                             messages: Sequence[QueueMessage]) -> list[PublishResult]:
-        news = [self._new(m.id, m.body, m.attributes, 0, 0) for m in messages]
+        results: dict[str, PublishResult] = {}
+        accepted = []
+        for m in messages:
+            if len(m.body) > self._cfg.max_bytes:  # could never fit, whatever is dropped
+                results[m.id] = PublishResult(m.id, MessageRejected(
+                    f"message of {len(m.body)} bytes exceeds store.max_bytes ({self._cfg.max_bytes})",
+                    backend=self.backend_name))
+            else:
+                accepted.append(m)
+        news = [self._new(m.id, m.body, m.attributes, 0, 0) for m in accepted]
         try:
             outcomes = await self._append(queue_name, news)
         except UplinkUnavailable as exc:
             return [PublishResult(m.id, exc) for m in messages]
-        return [PublishResult(m.id, self._error(o)) for m, o in zip(messages, outcomes, strict=True)]
+        for m, o in zip(accepted, outcomes, strict=True):
+            results[m.id] = PublishResult(m.id, self._error(o))
+        return [results[m.id] for m in messages]
 
     async def consume(self, queue_name: str, handler: Handler, batch_size: int = 10,
                       wait_time_seconds: float = 1.0) -> None:

@@ -72,15 +72,17 @@ async def sqlite_backend(tmp_path: Path) -> AsyncIterator[ContractTarget]:
     from gateway.config import StoreConfig
     from gateway.store.backend import SqliteQueue
 
-    queue = SqliteQueue(str(tmp_path / "store.db"), StoreConfig(), name="sqlite")
+    max_bytes = 64 * 1024
+    queue = SqliteQueue(str(tmp_path / "store.db"), StoreConfig(max_bytes=max_bytes), name="sqlite")
+
+    async def poison(queue_name: str) -> QueueMessage:
+        return QueueMessage(new_message_id(), b"p" * (max_bytes + 1))
 
     async def dead_letters(queue_name: str) -> list[tuple[str, str]]:
         return [(d.id, d.reason) for d in await queue.store.list_dead(queue_name)]
 
     await queue.connect()
     try:
-        yield ContractTarget("sqlite", queue, None,
-                             "the store refuses by capacity (when_full), not per message",
-                             dead_letters)
+        yield ContractTarget("sqlite", queue, poison, "", dead_letters)
     finally:
         await queue.disconnect()
