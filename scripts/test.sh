@@ -9,8 +9,11 @@ install_debian python3-venv mosquitto mosquitto-clients redis-server kcat
 command -v java >/dev/null || install_debian openjdk-17-jre-headless
 command -v mvn >/dev/null || install_debian maven
 install_python "test"
-echo "==> Kafka broker jars (Maven Central)"
-bash scripts/kafka/fetch-jars.sh
+# Each backend's test servers (jars, emulators) are provisioned by its own script.
+for script in scripts/provision/*.sh; do
+  echo "==> $script"
+  bash "$script"
+done
 
 echo "==> ruff"
 .venv/bin/ruff check gateway tests benchmarks
