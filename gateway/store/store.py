@@ -39,6 +39,7 @@ from gateway.store.records import (
     Settlement,
     StoredMessage,
 )
+from gateway.store.recovery import open_checked
 
 log = logging.getLogger("gateway.store")
 R = TypeVar("R")
@@ -80,7 +81,8 @@ class Store:
             self._take_lock()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
         try:
-            await self._run(self._db.open)
+            # the daemon checks the file first; a damaged one is moved aside (recovery.py)
+            await self._run(open_checked if self.exclusive else StoreDb.open, self._db)
             if self.exclusive:
                 released = await self._run(self._db.release_all_leases)
                 if released:
