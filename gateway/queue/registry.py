@@ -1,4 +1,5 @@
-"""``queue.type`` -> backend. An explicit table, not plugin discovery by file scanning.
+"""``queue.type`` -> backend. An explicit table, not plugin discovery by file scanning; a name
+not in the table may be an installed plugin's entry point (group ``openhqm_gateway.queues``).
 
 Each entry names a settings dataclass (imports no SDK) and an implementation class (imports
 its SDK when loaded). Config parsing needs only the settings class, so a config for a backend
@@ -59,17 +60,33 @@ def _load(path: str) -> Any:
     return getattr(importlib.import_module(module_name), attr)
 
 
+#: the implementation of every type an installed plugin declares (entry point group
+#: ``openhqm_gateway.queues``); built-in names above take precedence over plugins
+PLUGIN_IMPLEMENTATION = "gateway.uplinks.custom.uplink:EntryPointQueue"
+
+
 def spec_for(type_name: str, source: str = "") -> BackendSpec:
-    try:
-        return BACKENDS[type_name]
-    except KeyError:
-        known = ", ".join(sorted(BACKENDS))
-        raise ConfigError("queue.type", type_name, f"unknown queue type; known types: {known}",
-                          source) from None
+    spec = BACKENDS.get(type_name)
+    if spec is not None:
+        return spec
+    from gateway.uplinks.custom.loader import plugin_entry_points
+
+    plugins = plugin_entry_points()
+    if type_name in plugins:
+        return BackendSpec(type_name, "", PLUGIN_IMPLEMENTATION, None, None)
+    known = ", ".join(sorted(BACKENDS))
+    installed = f"; installed plugins: {', '.join(sorted(plugins))}" if plugins else ""
+    raise ConfigError("queue.type", type_name,
+                      f"unknown queue type; known types: {known}{installed}", source)
 
 
 def settings_class(type_name: str, source: str = "") -> type[Any]:
-    cls: type[Any] = _load(spec_for(type_name, source).settings)
+    spec = spec_for(type_name, source)
+    if not spec.settings:  # a plugin: its constructor's parameters are its keys
+        from gateway.uplinks.custom.loader import load_entry_point, options_class
+
+        return options_class(load_entry_point(type_name, source), "queue", source)
+    cls: type[Any] = _load(spec.settings)
     return cls
 
 

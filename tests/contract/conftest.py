@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import pytest
 
+from tests.contract.backend_custom import custom_backend
 from tests.contract.backend_kafka import kafka_backend, kafka_broker
 from tests.contract.backends import ContractTarget, redis_backend, sqlite_backend
 
 __all__ = ["ContractTarget", "backend", "kafka_backend", "kafka_broker", "redis_backend",
            "sqlite_backend"]
+__all__ += ["custom_backend"]
 
 CONTRACT_BACKENDS = ["sqlite", "redis", "kafka"]
+CONTRACT_BACKENDS += ["custom"]
 
 
 @pytest.fixture(params=CONTRACT_BACKENDS)
