@@ -130,9 +130,11 @@ async def gateway_drain(bootstrap: str, topic: str, messages: list[NewMessage],
         started = time.perf_counter()
         await uplink.connect()
         try:
-            while await store.depth(UPLINK_QUEUE) > 0:
-                await forwarder.drain_once()
+            while await forwarder.drain_once():
+                pass
+            await forwarder.flush()
             elapsed = time.perf_counter() - started
+            assert await store.depth(UPLINK_QUEUE) == 0
         finally:
             await uplink.disconnect()
         return elapsed, forwarder

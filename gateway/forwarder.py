@@ -6,7 +6,8 @@ Promises:
   uplink refused it for good (dead-lettered with the reason), or when it ran out of
   attempts (dead-lettered). An unreachable uplink never costs a message an attempt: the
   batch is released and the forwarder backs off with full jitter, however long the outage.
-- One batch is in flight at a time, so per-topic order (the store's invariant 3) carries
+- One batch is on the wire at a time (the next is leased meanwhile, and published only if
+  the one before needed no retry), so per-topic order (the store's invariant 3) carries
   through to the uplink. Messages are grouped by destination (``forwarder.routes`` first
   match, else ``queue.request_queue_name``) keeping their order within each group.
 - The message id and MQTT topic travel with every message (attributes), identical on every
@@ -18,12 +19,12 @@ Promises:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import time
 from dataclasses import dataclass, field
 
+from gateway.aio import wait_event
 from gateway.config import Config
 from gateway.errors import QueueError, RetryableError, UplinkUnavailable
 from gateway.queue.interface import MessageQueueInterface, PublishResult
@@ -70,6 +71,8 @@ class Forwarder:
         self._failures = 0  # consecutive whole-batch failures, for the backoff
         self._connected = False
         self._ever_connected = False
+        self._ahead: asyncio.Task[list[StoredMessage]] | None = None
+        self._settling: asyncio.Future[None] | None = None
 
     def stop(self) -> None:
         """Finish the batch in flight, then return from ``run``."""
@@ -90,6 +93,7 @@ class Forwarder:
                 if sent == 0:
                     await self._sleep_until_ready()
         finally:
+            await self.flush()
             self.stats.state = "stopped"
 
     async def _connect(self) -> bool:
@@ -125,8 +129,7 @@ class Forwarder:
         await self._sleep_or_stop(delay)
 
     async def _sleep_or_stop(self, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stopping.wait(), seconds)
+        await wait_event(self._stopping, seconds)
 
     async def _sleep_until_ready(self) -> None:
         # The timeout is a safety net for writers outside this process (``dlq replay``).
@@ -147,23 +150,28 @@ class Forwarder:
         return self.default_destination
 
     async def drain_once(self) -> int:
-        """Lease one batch, publish it, settle it. Returns how many were delivered.
+        """Publish one batch and settle it. Returns how many were delivered.
 
+        Pipelined: while a batch is on the wire the next one is leased, and its settlement
+        is written while the following batch is on the wire; the store thread and the
+        network overlap. A batch with any retry or release drains the pipeline first, so a
+        batch leased ahead never overtakes a message waiting for its retry (per-topic order).
         Raises UplinkUnavailable (after releasing the batch) when the uplink could not be
         reached, so the caller backs off."""
         started = time.monotonic()
-        batch = await self.store.lease(self.queue, self.cfg.batch_size)
+        batch = await self._next_batch()
         if not batch:
             return 0
-        settlement = Settlement()
-        unavailable: UplinkUnavailable | None = None
-        for destination, group in self._group(batch):
-            if unavailable is not None:
-                settlement.release.extend(m.seq for m in group)
-                continue
-            results = await self._publish(destination, group)
-            unavailable = self._settle_group(group, results, settlement)
-        await self.store.settle(settlement)
+        self._ahead = asyncio.create_task(self.store.lease(self.queue, self.cfg.batch_size),
+                                          name="lease-ahead")
+        settlement, unavailable = await self._publish_all(batch)
+        in_order = not settlement.retry and not settlement.release
+        if not in_order:
+            settlement.release.extend(m.seq for m in await self._take_ahead())
+        await self._settled()
+        self._settling = self.store.submit_settle(settlement)
+        if not in_order:
+            await self._settled()
         self._account(settlement)
         if unavailable is not None:
             self._connected = not isinstance(unavailable, _Disconnected)
@@ -172,6 +180,39 @@ class Forwarder:
         self.stats.state = "online"
         await self._pace(len(settlement.delivered), started)
         return len(settlement.delivered)
+
+    async def _next_batch(self) -> list[StoredMessage]:
+        if self._ahead is not None:
+            return await self._take_ahead()
+        return await self.store.lease(self.queue, self.cfg.batch_size)
+
+    async def _take_ahead(self) -> list[StoredMessage]:
+        task, self._ahead = self._ahead, None
+        return [] if task is None else await task
+
+    async def _settled(self) -> None:
+        task, self._settling = self._settling, None
+        if task is not None:
+            await task
+
+    async def flush(self) -> None:
+        """Write the last settlement and give back a batch leased ahead."""
+        ahead = await self._take_ahead()
+        if ahead:
+            await self._settled()
+            self._settling = self.store.submit_settle(Settlement(release=[m.seq for m in ahead]))
+        await self._settled()
+
+    async def _publish_all(self, batch: list[StoredMessage]) -> tuple[Settlement, UplinkUnavailable | None]:
+        settlement = Settlement()
+        unavailable: UplinkUnavailable | None = None
+        for destination, group in self._group(batch):
+            if unavailable is not None:
+                settlement.release.extend(m.seq for m in group)
+                continue
+            results = await self._publish(destination, group)
+            unavailable = self._settle_group(group, results, settlement)
+        return settlement, unavailable
 
     def _group(self, batch: list[StoredMessage]) -> list[tuple[str, list[StoredMessage]]]:
         if not self.cfg.routes:

@@ -57,6 +57,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from gateway.aio import wait_event
 from gateway.config import IngressConfig, TlsConfig
 from gateway.errors import ConfigError, GatewayError
 from gateway.ingress.codec import (
@@ -352,9 +353,7 @@ class _Connection(asyncio.Protocol):
         if not self._paused:
             self._paused = True
             self._transport.pause_reading()
-        try:
-            await asyncio.wait_for(self._drained.wait(), timeout)
-        except TimeoutError:
+        if not await wait_event(self._drained, timeout):
             log.warning("stopping with %d messages still awaiting commit; the broker will "
                         "redeliver them", self._pending_msgs)
         if self._transport is not None:
@@ -438,8 +437,7 @@ class MqttIngress:
                     failures += 1
                 if self._stopping:
                     break
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stop_event.wait(), self._backoff(failures))
+                await wait_event(self._stop_event, self._backoff(failures))
         finally:
             self.connected = False
             if self._conn is not None:

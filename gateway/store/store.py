@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import IO, TypeVar
 
+from gateway.aio import wait_event
 from gateway.config import StoreConfig
 from gateway.errors import StoreError
 from gateway.store.db import Limits, StoreDb
@@ -158,8 +159,7 @@ class Store:
             gap = self._last_commit + interval - time.monotonic()
             if gap > 0 and self._pending_count < self.cfg.commit_batch_size and not self._closing:
                 self._batch_full.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._batch_full.wait(), gap)
+                await wait_event(self._batch_full, gap)
             self._wake.clear()
             await self._commit_pending()
 
@@ -223,14 +223,26 @@ class Store:
         if due is not None:
             until_due = max(0.0, due - time.time()) + 0.001
             timeout = until_due if timeout is None else min(timeout, until_due)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(event.wait(), timeout)
+        await wait_event(event, timeout)
 
     async def settle(self, settlement: Settlement) -> None:
-        await self._run(self._db.settle, settlement, time.time())
-        if settlement.release or settlement.retry:
+        await self.submit_settle(settlement)
+
+    def submit_settle(self, settlement: Settlement) -> asyncio.Future[None]:
+        """Queue the settlement on the store thread now (ahead of any later call) and return
+        a future for it. Waiters are woken afterwards: a release, a retry or the delivery of
+        a retried message can make messages ready."""
+        if self._executor is None:
+            raise StoreError("the store is not open")
+        fut = asyncio.get_running_loop().run_in_executor(self._executor, self._db.settle,
+                                                         settlement, time.time())
+
+        def wake(_: asyncio.Future[None]) -> None:
             for queue in list(self._ready):
                 self._notify(queue)
+
+        fut.add_done_callback(wake)
+        return fut
 
     async def find(self, queue: str | None, message_id: str) -> list[int]:
         return await self._run(self._db.find, queue, message_id)
