@@ -18,6 +18,7 @@ Parsed once into frozen dataclasses; nothing downstream reads raw dicts.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import socket
@@ -132,6 +133,16 @@ class QueueConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ObservabilityConfig:
+    #: "host:port" of the local HTTP endpoint (/metrics, /healthz, /readyz); '' = off
+    listen: str = "127.0.0.1:9108"
+    #: /readyz fails when the oldest buffered message is older than this while online
+    stuck_backlog_age: Annotated[float, DURATION] = 900.0
+    #: /readyz fails when messages wait and the uplink acknowledged nothing for this long
+    stuck_no_ack: Annotated[float, DURATION] = 600.0
+
+
+@dataclass(frozen=True, slots=True)
 class LoggingConfig:
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["text", "json"] = "text"
@@ -145,6 +156,7 @@ class Config:
     forwarder: ForwarderConfig = field(default_factory=ForwarderConfig)
     queue: QueueConfig = field(default_factory=QueueConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    observability: ObservabilityConfig = field(default_factory=ObservabilityConfig)
     #: where the config came from, for error messages
     source: str = "<defaults>"
 
@@ -162,7 +174,7 @@ class Config:
 
 
 _QUEUE_COMMON = {"type", "request_queue_name", "response_queue_name", "dlq_name"}
-_TOP_LEVEL = {"gateway", "ingress", "store", "forwarder", "queue", "logging"}
+_TOP_LEVEL = {"gateway", "ingress", "store", "forwarder", "queue", "logging", "observability"}
 
 
 def load_config(path: str | None, environ: Mapping[str, str] | None = None) -> Config:
@@ -245,7 +257,7 @@ def parse_config(raw: Mapping[str, Any], source: str) -> Config:
     sections = {k: v for k, v in raw.items() if k != "queue"}
     cfg = parse_dataclass(Config, {**sections, "source": source}, "", source)
     queue = _parse_queue(raw.get("queue") or {}, source)
-    cfg = Config(cfg.gateway, cfg.ingress, cfg.store, cfg.forwarder, queue, cfg.logging, source)
+    cfg = dataclasses.replace(cfg, queue=queue)
     validate(cfg)
     return cfg
 
@@ -295,6 +307,11 @@ def validate(cfg: Config) -> None:
            fw.retry_max_delay, "must be at least forwarder.retry_min_delay", src)
     _check(fw.publish_timeout > 0, "forwarder.publish_timeout", fw.publish_timeout,
            "must be positive", src)
+    listen = cfg.observability.listen
+    if listen:
+        host, _, port = listen.rpartition(":")
+        _check(bool(host) and port.isdigit() and 0 <= int(port) <= 65535,
+               "observability.listen", listen, "expected host:port, e.g. 127.0.0.1:9108", src)
 
 
 def _check(ok: bool, key: str, value: object, reason: str, source: str) -> None:

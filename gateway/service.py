@@ -1,7 +1,9 @@
 """The daemon's lifecycle: one TaskGroup of named tasks around the store.
 
 Tasks: ``ingress`` (MQTT -> store), ``forwarder`` (store -> uplink), ``retention``
-(max_age expiry and space reclaim on a timer), ``shutdown`` (waits for a stop request).
+(max_age expiry and space reclaim on a timer), ``ready`` (sd_notify READY=1 once
+subscribed), ``http`` (metrics, health, status page), ``watchdog`` (systemd pings, when
+WatchdogSec= is set).
 
 Shutdown promise: on SIGTERM/SIGINT the ingress stops reading, commits and acknowledges what
 it already received, and disconnects; the forwarder finishes its batch in flight; the store
@@ -17,11 +19,15 @@ import contextlib
 import logging
 import os
 import signal
+import sqlite3
+import time
 
 from gateway.config import Config
+from gateway.errors import StoreError
 from gateway.forwarder import UPLINK_QUEUE, Forwarder
 from gateway.ingress import MqttIngress
-from gateway.observability.systemd import sd_notify
+from gateway.observability.http import ObservabilityServer, Snapshot
+from gateway.observability.systemd import sd_notify, watchdog_interval
 from gateway.queue.interface import MessageQueueInterface
 from gateway.queue.registry import create_backend
 from gateway.store.records import AppendOutcome, NewMessage
@@ -41,6 +47,41 @@ class Gateway:
         self.forwarder = Forwarder(self.store, self.uplink, config)
         self._stop = asyncio.Event()
         self._signals = 0
+        self._started_at = time.time()
+        self.http = (ObservabilityServer(config.observability, self.snapshot)
+                     if config.observability.listen else None)
+
+    async def snapshot(self) -> Snapshot:
+        """Counters and backlog as the HTTP endpoint reports them."""
+        try:
+            stats = await self.store.stats(UPLINK_QUEUE)
+            store_ok = await self.store.ping()
+        except (StoreError, sqlite3.Error):
+            stats, store_ok = None, False
+        ing, fwd = self.ingress, self.forwarder.stats
+        return Snapshot(
+            taken_at=time.time(), started_at=self._started_at,
+            ingress_connected=ing.connected, store_ok=store_ok,
+            uplink_type=self.config.queue.type, uplink_state=fwd.state,
+            depth=stats.depth if stats else 0, in_flight=stats.in_flight if stats else 0,
+            oldest_age_seconds=stats.oldest_age_seconds if stats else None,
+            dead_letter=stats.dead_letter if stats else 0,
+            store_messages=self.store.message_count, store_bytes=self.store.message_bytes,
+            store_file_bytes=self.store.file_bytes(), last_ack_at=fwd.last_ack_at,
+            commits=self.store.commits, commit_seconds_total=self.store.commit_seconds_total,
+            counters={"ingress_received": ing.received, "ingress_acked": ing.acked,
+                      "ingress_dead_lettered": ing.dead_lettered, "ingress_dropped": ing.dropped,
+                      "ingress_duplicates": ing.duplicates, "uplinked": fwd.delivered,
+                      "retried": fwd.retried, "dead_lettered": fwd.dead_lettered,
+                      "batches": fwd.batches},
+            dropped=stats.dropped if stats else {})
+
+    async def _watchdog(self, interval: float) -> None:
+        """Ping systemd's watchdog from the event loop: a hung loop stops the pings and
+        systemd restarts the service."""
+        while True:
+            sd_notify("WATCHDOG=1")
+            await asyncio.sleep(interval)
 
     async def _sink(self, messages: list[NewMessage]) -> list[AppendOutcome]:
         return await self.store.append(UPLINK_QUEUE, messages)
@@ -58,6 +99,11 @@ class Gateway:
                 forwarder = tg.create_task(self.forwarder.run(), name="forwarder")
                 helpers = [tg.create_task(self._retention(), name="retention"),
                            tg.create_task(self._announce_ready(), name="ready")]
+                if self.http is not None:
+                    helpers.append(tg.create_task(self.http.run(), name="http"))
+                watchdog = watchdog_interval()
+                if watchdog is not None:
+                    helpers.append(tg.create_task(self._watchdog(watchdog), name="watchdog"))
                 await self._stop.wait()
                 sd_notify("STOPPING=1")
                 log.info("stopping: finishing in-flight work")

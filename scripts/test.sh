@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/_setup_common.sh
 
-install_debian python3-venv mosquitto mosquitto-clients redis-server kcat
+install_debian python3-venv mosquitto mosquitto-clients redis-server kcat systemd
 command -v java >/dev/null || install_debian openjdk-17-jre-headless
 command -v mvn >/dev/null || install_debian maven
 install_python "test"

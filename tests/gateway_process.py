@@ -4,6 +4,7 @@ that records which messages the broker acknowledged."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -33,6 +34,7 @@ def gateway_config(tmp: Path, mqtt_port: int, topic_root: str, queue: dict[str, 
                       "publish_timeout": "5s"},
         "queue": queue,
         "logging": {"level": "INFO"},
+        "observability": {"listen": "127.0.0.1:0"},
     }
     for name, values in sections.items():
         cfg.setdefault(name, {}).update(values)
@@ -42,10 +44,11 @@ def gateway_config(tmp: Path, mqtt_port: int, topic_root: str, queue: dict[str, 
 
 
 class GatewayProcess:
-    def __init__(self, config: Path, workdir: Path) -> None:
+    def __init__(self, config: Path, workdir: Path, env: dict[str, str] | None = None) -> None:
         self.config = config
         self.log_path = workdir / "gateway.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.extra_env = env or {}
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         result = subprocess.run([sys.executable, "-m", "gateway", "-c", str(self.config), *args],
@@ -62,11 +65,19 @@ class GatewayProcess:
     def start(self, wait_ready: bool = True) -> None:
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child
         self.proc = subprocess.Popen([sys.executable, "-m", "gateway", "-c", str(self.config), "run"],
-                                     cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=_env())
+                                     cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                     env={**_env(), **self.extra_env})
         log.close()
         if wait_ready:
             wait_until(lambda: self._alive() and "ready: subscribed" in self.log(), 20,
                        "gateway ready")
+
+    def http_url(self) -> str:
+        """The base URL of the daemon's observability endpoint (from its start-up log)."""
+        match = re.findall(r"metrics and health on (http://[0-9.:]+)/", self.log())
+        if not match:
+            raise AssertionError(f"no observability endpoint in the log:\n{self.log()}")
+        return str(match[-1])
 
     def _alive(self) -> bool:
         if self.proc is None or self.proc.poll() is not None:

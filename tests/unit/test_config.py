@@ -169,7 +169,7 @@ def test_sample_config_is_valid_and_documents_every_option() -> None:
     sample = Path(__file__).resolve().parents[2] / "config" / "gateway.yaml"
     cfg = load_config(str(sample), {})
     text = sample.read_text()
-    for section in ("gateway", "ingress", "store", "forwarder", "logging"):
+    for section in ("gateway", "ingress", "store", "forwarder", "logging", "observability"):
         for f in dataclasses.fields(getattr(Config(), section)):
             assert f"  {f.name}:" in text, f"config/gateway.yaml lacks {section}.{f.name}"
     for f in dataclasses.fields(RedisSettings):
