@@ -76,8 +76,9 @@ CASES = {
 
 @pytest.mark.parametrize("how", [
     pytest.param("tmpfs_uplink_returns", marks=pytest.mark.xfail(strict=True, reason=(
-        "known bug: on a really full disk the forwarder's lease transaction (db.lease COMMIT) "
-        "fails with SQLITE_FULL because the WAL cannot grow, and the daemon exits"))),
+        "known bug (docs/reliability.md, Known gaps): on a really full file system the "
+        "forwarder's lease/settle COMMIT fails with SQLITE_FULL (the WAL cannot grow) and the "
+        "daemon exits"))),
     "max_page_count",
 ])
 def test_full_disk_policy_applies_daemon_keeps_running_and_recovers(
