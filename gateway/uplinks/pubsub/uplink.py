@@ -1,0 +1,740 @@
+"""``type: gcp_pubsub``: Google Cloud Pub/Sub (and its emulators) through google-cloud-pubsub.
+
+How MessageQueueInterface maps onto Pub/Sub (queue name = topic id; a name starting with
+``projects/`` is a full topic path):
+
+- publish/publish_batch: every message goes through the library's batching publisher with
+  the gateway message id, the MQTT topic and all attributes as Pub/Sub attributes, and the
+  ordering key ``gcp_ordering_key`` renders (message ordering is on in the publisher when
+  the template is not ''). Each message's future is awaited without blocking the loop
+  (``asyncio.wrap_future``); every message gets its own outcome. One attempt per publish
+  request (``retry=None``): the forwarder does the retrying, so nothing piles up in the
+  library during an outage. A message the service cannot take (over 10 MB, too many or too
+  long attributes) is refused before sending: MessageRejected, dead-lettered by the
+  forwarder while the rest flow. A failed publish pauses its ordering key in the library;
+  the followers of that key in the batch are reported retryable (unavailable when the
+  cause was) and the key is resumed after the batch, so the next attempt can go.
+- consume: synchronous pull of the subscription ``gcp_subscription`` names (up to
+  min(batch_size, gcp_max_messages) per pull, waiting up to wait_time_seconds), run in
+  the uplink's small thread pool. A message stays in flight until acknowledge (ack) or
+  reject; requeue = nack (ack deadline 0), so Pub/Sub redelivers it. reject(requeue=False)
+  publishes a copy to the topic ``queue.dlq_name`` with ``openhqm_dlq_reason`` and
+  ``openhqm_dlq_source``, then acks the original. retry_count = the service's delivery
+  attempt - 1 when the subscription has a dead-letter policy (only then does Pub/Sub count),
+  otherwise how often this client has seen the message.
+- get_queue_depth: NotSupportedError. The Pub/Sub API does not report a backlog (only
+  Cloud Monitoring's num_undelivered_messages metric does, and emulators have none).
+- create/delete: topic plus its subscription. purge_queue: NotSupportedError (a seek
+  removes the backlog but cannot say how many messages it removed); ``seek_to_now`` is the
+  purge without a count.
+- No delayed delivery (delay_seconds > 0 raises NotSupportedError) and no priorities (a
+  non-zero priority travels as the attribute ``openhqm_priority``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future as ConcurrentFuture
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Self, TypeVar
+
+from google.api_core import exceptions as gexc
+from google.pubsub_v1 import PublisherClient as GapicPublisherClient
+
+from gateway.config import Config
+from gateway.errors import (
+    ConfigError,
+    MessageRejected,
+    NotSupportedError,
+    QueueError,
+    RetryableError,
+    UplinkUnavailable,
+)
+from gateway.message import ATTR_MESSAGE_ID, Body, QueueMessage, encode_body, new_message_id
+from gateway.queue.interface import Handler, MessageQueueInterface, PublishResult
+from gateway.uplinks.kafka.keys import KeyTemplate
+from gateway.uplinks.pubsub.clients import Clients, build_clients
+from gateway.uplinks.pubsub.errors import BACKEND, translate
+from gateway.uplinks.pubsub.settings import PubSubSettings
+
+log = logging.getLogger("gateway.uplinks.pubsub")
+
+ATTR_PRIORITY = "openhqm_priority"
+ATTR_DLQ_REASON = "openhqm_dlq_reason"
+ATTR_DLQ_SOURCE = "openhqm_dlq_source"
+#: the service's limits (https://cloud.google.com/pubsub/quotas#resource_limits)
+MAX_REQUEST_BYTES = 10_000_000
+MAX_ATTRIBUTES = 100
+MAX_ATTRIBUTE_KEY_BYTES = 256
+MAX_ATTRIBUTE_VALUE_BYTES = 1024
+_THREADS = 4
+_GRACE = 2.0  # on top of gcp_publish_timeout before a publish counts as unanswered
+_MIN_BACKOFF, _MAX_BACKOFF = 0.2, 5.0
+_REMEMBERED_DELIVERIES = 10_000
+_CREATE_OPTIONS = {"subscription", "ack_deadline", "dead_letter_max_attempts"}
+#: attribute names google-cloud-pubsub's publish() takes as its own keyword arguments
+_RESERVED = frozenset({"topic", "data", "ordering_key", "retry", "timeout"})
+R = TypeVar("R")
+#: a message handed to the library (its future), refused (the error) or already accepted
+_Submitted = asyncio.Future[Any] | QueueError | None
+
+
+@dataclass(eq=False, slots=True)
+class _InFlight:
+    subscription: str
+    ack_id: str
+    server_id: str
+    message: QueueMessage
+
+
+class PubSubQueue(MessageQueueInterface):
+    backend_name = BACKEND
+
+    def __init__(self, settings: PubSubSettings, *, dlq_name: str = "openhqm-dlq") -> None:
+        _check_settings(settings)
+        self.settings = settings
+        self.dlq_name = dlq_name
+        template = settings.gcp_ordering_key
+        self.ordering = KeyTemplate.parse(template, "queue.gcp_ordering_key") if template else None
+        self._clients: Clients | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._known_topics: set[str] = set()
+        self._in_flight: dict[str, list[_InFlight]] = {}
+        self._by_server_id: dict[tuple[str, str], _InFlight] = {}
+        self._deliveries: OrderedDict[tuple[str, str], int] = OrderedDict()
+        self._outstanding: set[ConcurrentFuture[Any]] = set()
+
+    @classmethod
+    def from_config(cls, config: Config) -> Self:
+        settings = config.queue.settings
+        if not isinstance(settings, PubSubSettings):
+            raise ConfigError("queue.type", config.queue.type,
+                              "the gcp_pubsub uplink needs the gcp_pubsub settings", config.source)
+        return cls(settings, dlq_name=config.queue.dlq_name)
+
+    # -- connection ---------------------------------------------------------------------
+
+    def _require(self) -> Clients:
+        if self._clients is None:
+            raise UplinkUnavailable("not connected", backend=BACKEND)
+        return self._clients
+
+    async def _call(self, what: str, fn: Callable[[], R]) -> R:
+        """Run a blocking library call in the uplink's threads; translate what it raises."""
+        future = self._submit_call(what, fn)
+        try:
+            return await asyncio.wrap_future(future)
+        except Exception as exc:
+            raise translate(exc, what) from exc
+
+    def _submit_call(self, what: str, fn: Callable[[], R]) -> ConcurrentFuture[R]:
+        executor = self._executor
+        if executor is None:
+            raise UplinkUnavailable(f"{what}: not connected", backend=BACKEND)
+        try:
+            return executor.submit(fn)
+        except RuntimeError as exc:  # shut down by a disconnect in the meantime
+            raise UplinkUnavailable(f"{what}: {exc}", backend=BACKEND) from exc
+
+    async def connect(self) -> None:
+        if self._clients is not None:
+            return
+        executor = ThreadPoolExecutor(max_workers=_THREADS, thread_name_prefix="pubsub")
+        build = functools.partial(build_clients, self.settings, self.ordering is not None)
+        try:
+            clients = await asyncio.wrap_future(executor.submit(build))
+        except ConfigError:
+            executor.shutdown(wait=False)
+            raise
+        except Exception as exc:
+            executor.shutdown(wait=False)
+            raise UplinkUnavailable(f"connect: {exc}", backend=BACKEND) from exc
+        self._clients, self._executor = clients, executor
+        try:
+            await self._probe()
+        except BaseException:
+            await self.disconnect()
+            raise
+        log.info("gcp_pubsub: connected to %s, project %s",
+                 clients.emulator or "Google Cloud", clients.project)
+
+    async def _probe(self) -> None:
+        """One real round trip. An answer 'not allowed' still proves the service is reachable
+        and the credentials authenticate: a publisher-only account may not list topics."""
+        clients = self._require()
+        request = {"project": f"projects/{clients.project}", "page_size": 1}
+        try:
+            await self._call("connect", lambda: clients.publisher.list_topics(
+                request=request, retry=None, timeout=self.settings.gcp_request_timeout))
+        except UplinkUnavailable as exc:
+            if exc.code != "PermissionDenied":
+                raise
+        except QueueError as exc:
+            raise UplinkUnavailable(str(exc), backend=BACKEND, code=exc.code) from exc
+
+    async def disconnect(self) -> None:
+        clients, executor = self._clients, self._executor
+        self._clients = self._executor = None
+        self._in_flight.clear()
+        self._by_server_id.clear()
+        self._known_topics.clear()
+        if clients is None or executor is None:
+            return
+        loop = asyncio.get_running_loop()
+        try:  # sends what is still batched (one attempt each), accepts nothing more
+            await loop.run_in_executor(executor, clients.publisher.stop)
+        except Exception as exc:
+            log.debug("gcp_pubsub: stopping the publisher: %s", exc)
+        pending = [asyncio.wrap_future(f) for f in list(self._outstanding)]
+        if pending:  # answered or failed within one publish timeout; closing earlier would
+            # make the library's batch threads fail on a closed channel
+            await asyncio.wait(pending, timeout=self.settings.gcp_publish_timeout + _GRACE)
+        await loop.run_in_executor(executor, clients.close)
+        executor.shutdown(wait=False, cancel_futures=True)
+
+    async def health_check(self) -> bool:
+        if self._clients is None:
+            return False
+        try:
+            await self._probe()
+        except QueueError as exc:
+            log.debug("gcp_pubsub health check failed: %s", exc)
+            return False
+        return True
+
+    # -- names --------------------------------------------------------------------------
+
+    def topic_path(self, queue_name: str) -> str:
+        if queue_name.startswith("projects/"):
+            return queue_name
+        return f"projects/{self._require().project}/topics/{queue_name}"
+
+    def subscription_path(self, queue_name: str) -> str:
+        topic_id = queue_name.rsplit("/", 1)[-1]
+        name = self.settings.gcp_subscription.replace("{queue}", topic_id)
+        if name.startswith("projects/"):
+            return name
+        return f"projects/{self._require().project}/subscriptions/{name}"
+
+    # -- publishing ---------------------------------------------------------------------
+
+    async def publish(self, queue_name: str, message: Body, priority: int = 0,
+                      attributes: dict[str, str] | None = None, delay_seconds: float = 0, *,
+                      message_id: str | None = None) -> str:
+        if delay_seconds > 0:
+            raise NotSupportedError(BACKEND, "delay_seconds", "Pub/Sub has no delayed delivery")
+        attrs = dict(attributes or {})
+        if priority:  # Pub/Sub does not order by it; consumers can read it
+            attrs[ATTR_PRIORITY] = str(priority)
+        msg = QueueMessage(message_id or new_message_id(), encode_body(message), attrs)
+        (result,) = await self.publish_batch(queue_name, [msg])
+        if result.error is not None:
+            raise result.error
+        return msg.id
+
+    async def publish_batch(self, queue_name: str,
+                            messages: Sequence[QueueMessage]) -> list[PublishResult]:
+        if not messages:
+            return []
+        try:
+            clients = self._require()
+            topic = await self._ensure_topic(queue_name)
+        except QueueError as exc:
+            return [PublishResult(m.id, exc) for m in messages]
+        keys = [self._ordering_key(m) for m in messages]
+        submitted: list[_Submitted] = []
+        failed_alone: set[str] = set()
+        for msg, key in zip(messages, keys, strict=True):
+            if key and key in failed_alone:
+                submitted.append(_paused(key, "an earlier message of the key failed"))
+            elif _RESERVED.isdisjoint(msg.attributes):
+                submitted.append(self._submit(clients, topic, msg, key))
+            else:
+                outcome = await self._publish_alone(clients, topic, msg, key,
+                                                    earlier=submitted, keys=keys)
+                submitted.append(outcome)
+                if outcome is not None and key:
+                    failed_alone.add(key)
+        waiting = [f for f in submitted if isinstance(f, asyncio.Future)]
+        if waiting:
+            _, late = await asyncio.wait(waiting, timeout=self.settings.gcp_publish_timeout + _GRACE)
+            for future in late:
+                future.cancel()  # only our view of it: the library still finishes the request
+        errors = _outcomes(submitted, keys, self.settings.gcp_publish_timeout)
+        if self.ordering is not None:
+            self._resume(clients, topic, {k for k, e in zip(keys, errors, strict=True) if e and k})
+        if any(e is not None and e.code == "NotFound" for e in errors):
+            self._known_topics.discard(topic)  # deleted under us: ensure it again next time
+        return [PublishResult(m.id, e) for m, e in zip(messages, errors, strict=True)]
+
+    def _ordering_key(self, msg: QueueMessage) -> str:
+        if self.ordering is None:
+            return ""
+        key = self.ordering.render(msg)
+        return key.decode("utf-8") if key else ""
+
+    def _submit(self, clients: Clients, topic: str, msg: QueueMessage, key: str) -> _Submitted:
+        attrs = {**msg.attributes, ATTR_MESSAGE_ID: msg.id}
+        refused = check_message(msg.body, attrs, key)
+        if refused is not None:
+            return MessageRejected(refused, backend=BACKEND, code="TooLarge")
+        try:
+            future: ConcurrentFuture[Any] = clients.publisher.publish(
+                topic, msg.body, ordering_key=key, retry=None,
+                timeout=self.settings.gcp_publish_timeout, **attrs)
+        except Exception as exc:
+            return translate(exc, "publish", per_message=True)
+        self._outstanding.add(future)
+        future.add_done_callback(self._outstanding.discard)
+        return asyncio.wrap_future(future)
+
+    async def _publish_alone(self, clients: Clients, topic: str, msg: QueueMessage, key: str, *,
+                             earlier: list[_Submitted], keys: list[str]) -> _Submitted:
+        """A message with an attribute named like one of publish()'s own keyword arguments
+        (``topic``, ``timeout``, ...) cannot go through the library's batching publisher; it
+        goes in a request of its own, once everything before it was answered and only when
+        no earlier message of its ordering key failed, so it never overtakes one."""
+        attrs = {**msg.attributes, ATTR_MESSAGE_ID: msg.id}
+        refused = check_message(msg.body, attrs, key)
+        if refused is not None:
+            return MessageRejected(refused, backend=BACKEND, code="TooLarge")
+        pending = [f for f in earlier if isinstance(f, asyncio.Future)]
+        if pending:
+            await asyncio.wait(pending, timeout=self.settings.gcp_publish_timeout + _GRACE)
+        if key and any(k == key and _failed(f)
+                       for f, k in zip(earlier, keys[:len(earlier)], strict=True)):
+            return _paused(key, "an earlier message of the key failed")
+        request = {"topic": topic, "messages": [
+            {"data": msg.body, "attributes": attrs, "ordering_key": key}]}
+        try:
+            await self._call("publish", lambda: GapicPublisherClient.publish(
+                clients.publisher, request=request, retry=None,
+                timeout=self.settings.gcp_publish_timeout))
+        except QueueError as exc:
+            return exc
+        return None
+
+    def _resume(self, clients: Clients, topic: str, keys: set[str]) -> None:
+        """Let the library publish these ordering keys again after a failure paused them."""
+        for key in keys:
+            # RuntimeError: not paused (the failure happened before the library's sequencer)
+            with contextlib.suppress(RuntimeError, ValueError):
+                clients.publisher.resume_publish(topic, key)
+
+    async def _ensure_topic(self, queue_name: str) -> str:
+        topic = self.topic_path(queue_name)
+        if topic in self._known_topics or not self.settings.gcp_auto_create:
+            return topic
+        try:
+            created = await self._create_topic(topic)
+        except UplinkUnavailable as exc:
+            if exc.code != "PermissionDenied":
+                raise
+            log.info("gcp_pubsub: not allowed to create %s; assuming it exists", topic)
+            created = False
+        if created:  # without a subscription Pub/Sub drops what is published
+            await self._create_subscription(queue_name)
+        self._known_topics.add(topic)
+        return topic
+
+    # -- consuming ----------------------------------------------------------------------
+
+    async def consume(self, queue_name: str, handler: Handler, batch_size: int = 10,
+                      wait_time_seconds: float = 1.0) -> None:
+        limit = max(1, min(batch_size, self.settings.gcp_max_messages))
+        backoff, ready = _MIN_BACKOFF, False
+        subscription = self.subscription_path(queue_name)
+        while True:
+            self._require()  # raises UplinkUnavailable once disconnected
+            try:
+                if not ready:
+                    await self._ensure_subscription(queue_name)
+                    ready = True
+                received = await self._pull(subscription, limit, wait_time_seconds)
+                backoff = _MIN_BACKOFF
+            except UplinkUnavailable as exc:
+                level = logging.WARNING if backoff == _MIN_BACKOFF else logging.DEBUG
+                log.log(level, "gcp_pubsub: consuming %s paused: %s; retrying in %.1fs",
+                        subscription, exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, _MAX_BACKOFF)
+                ready = ready and exc.code != "NotFound"
+                continue
+            for received_message in received:
+                await self._dispatch(subscription, received_message, handler)
+
+    async def _ensure_subscription(self, queue_name: str) -> None:
+        if not self.settings.gcp_auto_create:
+            return
+        await self._ensure_topic(queue_name)
+        try:
+            await self._create_subscription(queue_name)
+        except UplinkUnavailable as exc:
+            if exc.code != "PermissionDenied":
+                raise
+
+    async def _pull(self, subscription: str, limit: int, wait: float) -> list[Any]:
+        clients = self._require()
+        request = {"subscription": subscription, "max_messages": limit}
+
+        def pull() -> list[Any]:
+            try:
+                response = clients.subscriber.pull(request=request, retry=None,
+                                                   timeout=max(wait, 0.05))
+            except gexc.DeadlineExceeded:
+                return []  # nothing arrived within the wait
+            return list(response.received_messages)
+
+        future = self._submit_call(f"pull {subscription}", pull)
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            # The pull may still return messages nobody will handle: hand them back at once
+            # instead of letting them wait out their ack deadline.
+            future.add_done_callback(functools.partial(self._release_orphans, clients,
+                                                       subscription))
+            raise
+        except Exception as exc:
+            raise translate(exc, f"pull {subscription}") from exc
+
+    def _release_orphans(self, clients: Clients, subscription: str,
+                         future: ConcurrentFuture[list[Any]]) -> None:
+        if future.cancelled() or future.exception() is not None or not future.result():
+            return
+        ack_ids = [m.ack_id for m in future.result()]
+        try:  # runs in the thread that finished the pull
+            clients.subscriber.modify_ack_deadline(
+                request={"subscription": subscription, "ack_ids": ack_ids,
+                         "ack_deadline_seconds": 0},
+                retry=None, timeout=self.settings.gcp_request_timeout)
+        except Exception as exc:
+            log.debug("gcp_pubsub: could not hand back %d messages: %s", len(ack_ids), exc)
+
+    async def _dispatch(self, subscription: str, received: Any, handler: Handler) -> None:
+        server_id = str(received.message.message_id)
+        held = self._by_server_id.get((subscription, server_id))
+        if held is not None:  # redelivered after its ack deadline while still ours
+            held.ack_id = received.ack_id
+            return
+        seen = self._count_delivery(subscription, server_id)
+        attempt = int(received.delivery_attempt or 0)
+        record = _InFlight(subscription, received.ack_id, server_id,
+                           _to_message(received, attempt - 1 if attempt > 0 else seen - 1))
+        self._track(record)
+        try:
+            await handler(record.message)
+        except Exception as exc:  # the handler's failure is the message's outcome
+            if not self._untrack(record):
+                return  # the handler settled it before raising
+            log.warning("gcp_pubsub: handler failed for %s: %s; requeueing",
+                        record.message.id, exc)
+            try:
+                await self._modack(record, 0)
+            except QueueError as nack_error:  # it comes back after its ack deadline anyway
+                log.warning("gcp_pubsub: nack failed: %s", nack_error)
+
+    def _count_delivery(self, subscription: str, server_id: str) -> int:
+        key = (subscription, server_id)
+        count = self._deliveries.pop(key, 0) + 1
+        self._deliveries[key] = count
+        while len(self._deliveries) > _REMEMBERED_DELIVERIES:
+            self._deliveries.popitem(last=False)
+        return count
+
+    # -- settling -----------------------------------------------------------------------
+
+    def _track(self, record: _InFlight, *, first: bool = False) -> None:
+        records = self._in_flight.setdefault(record.message.id, [])
+        records.insert(0, record) if first else records.append(record)
+        self._by_server_id[(record.subscription, record.server_id)] = record
+
+    def _untrack(self, record: _InFlight) -> bool:
+        records = self._in_flight.get(record.message.id, [])
+        if record not in records:
+            return False
+        records.remove(record)
+        if not records:
+            del self._in_flight[record.message.id]
+        self._by_server_id.pop((record.subscription, record.server_id), None)
+        return True
+
+    def _take(self, message_id: str) -> _InFlight | None:
+        records = self._in_flight.get(message_id)
+        if not records:
+            return None
+        record = records[0]
+        self._untrack(record)
+        return record
+
+    async def acknowledge(self, message_id: str) -> bool:
+        record = self._take(message_id)
+        if record is None:
+            return False
+        try:
+            await self._ack(record)
+        except BaseException:
+            self._track(record, first=True)  # still ours: the caller may try again
+            raise
+        return True
+
+    async def reject(self, message_id: str, requeue: bool = True, reason: str = "") -> bool:
+        record = self._take(message_id)
+        if record is None:
+            return False
+        try:
+            if requeue:
+                await self._modack(record, 0)
+            else:
+                await self._dead_letter(record, reason)
+                await self._ack(record)
+        except BaseException:
+            self._track(record, first=True)
+            raise
+        return True
+
+    async def _ack(self, record: _InFlight) -> None:
+        subscriber = self._require().subscriber
+        request = {"subscription": record.subscription, "ack_ids": [record.ack_id]}
+        await self._call("acknowledge", lambda: subscriber.acknowledge(
+            request=request, retry=None, timeout=self.settings.gcp_request_timeout))
+        self._deliveries.pop((record.subscription, record.server_id), None)
+
+    async def _modack(self, record: _InFlight, seconds: int) -> None:
+        subscriber = self._require().subscriber
+        request = {"subscription": record.subscription, "ack_ids": [record.ack_id],
+                   "ack_deadline_seconds": seconds}
+        await self._call("modify_ack_deadline", lambda: subscriber.modify_ack_deadline(
+            request=request, retry=None, timeout=self.settings.gcp_request_timeout))
+
+    async def _dead_letter(self, record: _InFlight, reason: str) -> None:
+        clients = self._require()
+        topic = await self._ensure_topic(self.dlq_name)
+        msg = record.message
+        attrs = {**msg.attributes, ATTR_MESSAGE_ID: msg.id,
+                 ATTR_DLQ_REASON: _clip(reason), ATTR_DLQ_SOURCE: _clip(record.subscription)}
+        refused = check_message(msg.body, attrs, "")
+        if refused is not None:
+            raise MessageRejected(f"dead-letter copy: {refused}", backend=BACKEND)
+        try:
+            future = clients.publisher.publish(topic, msg.body, retry=None,
+                                               timeout=self.settings.gcp_publish_timeout, **attrs)
+            async with asyncio.timeout(self.settings.gcp_publish_timeout + _GRACE):
+                await asyncio.wrap_future(future)
+        except TimeoutError as exc:
+            raise UplinkUnavailable(f"dead-letter to {topic}: no answer", backend=BACKEND) from exc
+        except Exception as exc:
+            raise translate(exc, f"dead-letter to {topic}") from exc
+        self._deliveries.pop((record.subscription, record.server_id), None)
+
+    # -- administration -----------------------------------------------------------------
+
+    async def get_queue_depth(self, queue_name: str) -> int:
+        raise NotSupportedError(
+            BACKEND, "get_queue_depth",
+            "the Pub/Sub API does not report a subscription's backlog (only Cloud "
+            "Monitoring's subscription/num_undelivered_messages metric does)")
+
+    async def create_queue(self, queue_name: str, **kwargs: Any) -> bool:
+        unknown = set(kwargs) - _CREATE_OPTIONS
+        if unknown:
+            raise NotSupportedError(BACKEND, f"create_queue({', '.join(sorted(unknown))})",
+                                    f"Pub/Sub topics here take {', '.join(sorted(_CREATE_OPTIONS))}")
+        topic = self.topic_path(queue_name)
+        created = await self._create_topic(topic)
+        self._known_topics.add(topic)
+        if not kwargs.get("subscription", True):
+            return created
+        sub_created = await self._create_subscription(
+            queue_name, ack_deadline=kwargs.get("ack_deadline"),
+            dead_letter_max_attempts=kwargs.get("dead_letter_max_attempts"))
+        return created or sub_created
+
+    async def _create_topic(self, topic: str) -> bool:
+        publisher = self._require().publisher
+        try:
+            await self._call(f"create topic {topic}", lambda: publisher.create_topic(
+                request={"name": topic}, retry=None, timeout=self.settings.gcp_request_timeout))
+        except QueueError as exc:
+            if exc.code == "AlreadyExists":
+                return False
+            raise
+        return True
+
+    async def _create_subscription(self, queue_name: str, *, ack_deadline: float | None = None,
+                                   dead_letter_max_attempts: int | None = None) -> bool:
+        s = self.settings
+        subscriber = self._require().subscriber
+        name, topic = self.subscription_path(queue_name), self.topic_path(queue_name)
+        request: dict[str, Any] = {
+            "name": name, "topic": topic,
+            "ack_deadline_seconds": int(ack_deadline or s.gcp_ack_deadline),
+            "enable_message_ordering": self.ordering is not None,
+        }
+        attempts = (s.gcp_dead_letter_max_attempts if dead_letter_max_attempts is None
+                    else dead_letter_max_attempts)
+        dlq_topic = self.topic_path(self.dlq_name)
+        if attempts > 0 and dlq_topic != topic:
+            await self._ensure_topic(self.dlq_name)  # the policy needs the topic to exist
+            request["dead_letter_policy"] = {"dead_letter_topic": dlq_topic,
+                                             "max_delivery_attempts": attempts}
+        try:
+            await self._call(f"create subscription {name}", lambda: subscriber.create_subscription(
+                request=request, retry=None, timeout=s.gcp_request_timeout))
+        except QueueError as exc:
+            if exc.code == "AlreadyExists":
+                return False
+            raise
+        return True
+
+    async def delete_queue(self, queue_name: str) -> bool:
+        clients = self._require()
+        subscription, topic = self.subscription_path(queue_name), self.topic_path(queue_name)
+        timeout = self.settings.gcp_request_timeout
+        sub_deleted = await self._delete(f"delete subscription {subscription}", lambda: (
+            clients.subscriber.delete_subscription(
+                request={"subscription": subscription}, retry=None, timeout=timeout)))
+        self._forget_subscription(subscription)
+        topic_deleted = await self._delete(f"delete topic {topic}", lambda: (
+            clients.publisher.delete_topic(request={"topic": topic}, retry=None, timeout=timeout)))
+        self._known_topics.discard(topic)
+        return sub_deleted or topic_deleted
+
+    async def _delete(self, what: str, call: Callable[[], Any]) -> bool:
+        try:
+            await self._call(what, call)
+        except UplinkUnavailable as exc:
+            if exc.code == "NotFound":
+                return False
+            raise
+        return True
+
+    def _forget_subscription(self, subscription: str) -> None:
+        for records in list(self._in_flight.values()):
+            for record in [r for r in records if r.subscription == subscription]:
+                self._untrack(record)
+
+    async def purge_queue(self, queue_name: str) -> int:
+        raise NotSupportedError(
+            BACKEND, "purge_queue",
+            "a Pub/Sub seek clears a subscription's backlog but cannot say how many messages "
+            "it removed; PubSubQueue.seek_to_now() purges without a count")
+
+    async def seek_to_now(self, queue_name: str) -> None:
+        """Mark everything published to the queue's subscription until now as acknowledged
+        (a seek to the current time): the purge, without a count."""
+        subscriber = self._require().subscriber
+        subscription = self.subscription_path(queue_name)
+        request = {"subscription": subscription, "time": datetime.now(UTC)}
+        await self._call(f"seek {subscription}", lambda: subscriber.seek(
+            request=request, retry=None, timeout=self.settings.gcp_request_timeout))
+        self._forget_subscription(subscription)
+
+
+def check_message(body: bytes, attributes: dict[str, str], ordering_key: str) -> str | None:
+    """Why the service would refuse this message, or None. Checked before sending so one bad
+    message neither fails a whole publish request nor pauses its ordering key."""
+    if len(attributes) > MAX_ATTRIBUTES:
+        return f"{len(attributes)} attributes; Pub/Sub allows {MAX_ATTRIBUTES}"
+    size = len(body) + len(ordering_key.encode())
+    for key, value in attributes.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            return f"attribute {key!r} is not a string pair"
+        key_bytes, value_bytes = len(key.encode()), len(value.encode())
+        if not 0 < key_bytes <= MAX_ATTRIBUTE_KEY_BYTES or key.startswith("goog"):
+            return f"attribute name {key[:40]!r}... is not allowed (1..256 bytes, not 'goog*')"
+        if value_bytes > MAX_ATTRIBUTE_VALUE_BYTES:
+            return (f"attribute {key!r} is {value_bytes} bytes; Pub/Sub allows "
+                    f"{MAX_ATTRIBUTE_VALUE_BYTES}")
+        size += key_bytes + value_bytes
+    if size > MAX_REQUEST_BYTES:
+        return f"message is {size} bytes; Pub/Sub accepts at most {MAX_REQUEST_BYTES}"
+    return None
+
+
+def _failed(outcome: _Submitted) -> bool:
+    if outcome is None or isinstance(outcome, QueueError):
+        return outcome is not None
+    return not outcome.done() or outcome.cancelled() or outcome.exception() is not None
+
+
+def _paused(key: str, why: str) -> RetryableError:
+    return RetryableError(f"publish: ordering key {key!r} paused: {why}", backend=BACKEND,
+                          code="OrderingKeyPaused")
+
+
+def _outcomes(submitted: list[_Submitted], keys: list[str],
+              timeout: float) -> list[QueueError | None]:
+    """One error (or None) per message. A failure pauses its ordering key: the later
+    messages of that key fail with it, as unavailable when the first failure was, else as
+    retryable."""
+    first_failure: dict[str, QueueError] = {}
+    errors: list[QueueError | None] = []
+    for future, key in zip(submitted, keys, strict=True):
+        if future is None or isinstance(future, QueueError):
+            errors.append(future)
+            continue
+        if future.cancelled():
+            errors.append(UplinkUnavailable(f"publish: no answer within {timeout}s",
+                                            backend=BACKEND))
+            continue
+        exc = future.exception()
+        if exc is None:
+            errors.append(None)
+            continue
+        cause = first_failure.get(key) if key else None
+        if cause is not None:
+            why = f"an earlier message of the key failed ({cause})"
+            errors.append(UplinkUnavailable(f"publish: ordering key {key!r} paused: {why}",
+                                            backend=BACKEND, code="OrderingKeyPaused")
+                          if isinstance(cause, UplinkUnavailable) else _paused(key, why))
+            continue
+        error = translate(exc, "publish", per_message=True)
+        if key:
+            first_failure[key] = error
+        errors.append(error)
+    return errors
+
+
+def _to_message(received: Any, retry_count: int) -> QueueMessage:
+    message = received.message
+    attributes = {str(k): str(v) for k, v in message.attributes.items()}
+    message_id = attributes.pop(ATTR_MESSAGE_ID, "") or str(message.message_id)
+    published = message.publish_time
+    timestamp = published.timestamp() if published else 0.0
+    return QueueMessage(message_id, bytes(message.data), attributes, timestamp,
+                        max(retry_count, 0), received)
+
+
+def _clip(text: str, limit: int = MAX_ATTRIBUTE_VALUE_BYTES) -> str:
+    return text.encode()[:limit].decode("utf-8", "ignore")
+
+
+def _check_settings(s: PubSubSettings) -> None:
+    if s.gcp_max_messages < 1:
+        raise ConfigError("queue.gcp_max_messages", s.gcp_max_messages, "must be at least 1")
+    if not 10 <= s.gcp_ack_deadline <= 600:
+        raise ConfigError("queue.gcp_ack_deadline", s.gcp_ack_deadline, "must be 10s..600s")
+    if s.gcp_dead_letter_max_attempts and not 5 <= s.gcp_dead_letter_max_attempts <= 100:
+        raise ConfigError("queue.gcp_dead_letter_max_attempts", s.gcp_dead_letter_max_attempts,
+                          "must be 0 (no policy) or 5..100")
+    if not 1 <= s.gcp_batch_max_messages <= 1000:
+        raise ConfigError("queue.gcp_batch_max_messages", s.gcp_batch_max_messages,
+                          "must be 1..1000")
+    if not 1 <= s.gcp_batch_max_bytes <= MAX_REQUEST_BYTES:
+        raise ConfigError("queue.gcp_batch_max_bytes", s.gcp_batch_max_bytes,
+                          "must be 1 byte..10 MB")
+    for key, value in (("gcp_publish_timeout", s.gcp_publish_timeout),
+                       ("gcp_request_timeout", s.gcp_request_timeout)):
+        if value <= 0:
+            raise ConfigError(f"queue.{key}", value, "must be positive")
+    rest = s.gcp_subscription.replace("{queue}", "")
+    if not s.gcp_subscription or "{" in rest or "}" in rest:
+        raise ConfigError("queue.gcp_subscription", s.gcp_subscription,
+                          "a subscription name; the only placeholder is {queue}")
