@@ -5,5 +5,6 @@ conftest below the root one when the whole ``tests`` tree is collected.
 """
 
 from tests.integration.kafka_fixtures import kafka_broker
+from tests.integration.pubsub_fixtures import pubsub_emulator, pubsub_fake_server
 
-__all__ = ["kafka_broker"]
+__all__ = ["kafka_broker", "pubsub_emulator", "pubsub_fake_server"]
