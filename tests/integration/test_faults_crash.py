@@ -195,14 +195,14 @@ def test_kill_mid_commit_by_durability(tmp_path: Path, mosquitto: ServerProcess,
     pub = Publisher(mosquitto.port)
     steady = SteadyPublisher(pub, root, rate=600)
     steady.start()
-    time.sleep(3.0)
+    time.sleep(2.0)
     gw.kill()  # commits are running every few ms: this lands between or inside one
     steady.halt()
     syncs = gw.syncs()
     print(Counter(syncs))
     pub.wait_all_acked(steady.sent)
     buffered = GatewayProcess(config, tmp_path).status()["uplinks"]["default"]["depth"]
-    print(f"\ndurability={durability}: {steady.sent} published in 3s, {buffered} in the store "
+    print(f"\ndurability={durability}: {steady.sent} published in 2s, {buffered} in the store "
           f"at the kill, {len(syncs)} fsync/fdatasync calls by the daemon")
     if durability == "full":
         assert len(syncs) >= 100, "full: every append commit is fsynced before its ack"

@@ -27,14 +27,14 @@ from tests.servers import ServerProcess, wait_until
 
 pytestmark = pytest.mark.integration
 
-FAULT_SECONDS = 3.0
+FAULT_SECONDS = 2.0
 RATE = 300
 
 SCENARIOS: dict[str, dict[str, Any]] = {
     "cut": {},
     "blackhole": {},
     "slow": {"delay": 0.05, "rate": 20_000},
-    "flapping": {"up_seconds": 0.6, "down_seconds": 0.6},
+    "flapping": {"up_seconds": 0.4, "down_seconds": 0.4},
 }
 
 
@@ -77,16 +77,16 @@ def make_gateway(tmp_path: Path, ingress_port: int, redis_port: int, root: str) 
 
 def run_with_fault(gw: GatewayProcess, mosquitto: ServerProcess, proxy: FaultProxy, root: str,
                    mode: Mode) -> Publisher:
-    """Steady publishing: 1 s healthy, FAULT_SECONDS with the fault, 1 s healthy again."""
+    """Steady publishing: 0.5 s healthy, FAULT_SECONDS with the fault, 0.5 s healthy again."""
     pub = Publisher(mosquitto.port)
     steady = SteadyPublisher(pub, root, rate=RATE)
     steady.start()
     try:
-        time.sleep(1.0)
+        time.sleep(0.5)
         proxy.set_mode(mode, **SCENARIOS[mode])
         time.sleep(FAULT_SECONDS)
         proxy.set_mode("up")
-        time.sleep(1.0)
+        time.sleep(0.5)
     finally:
         steady.halt()
     pub.wait_all_acked(steady.sent)
