@@ -108,7 +108,7 @@ def test_full_disk_policy_applies_daemon_keeps_running_and_recovers(
         time.sleep(0.5)
         assert gw.proc is not None and gw.proc.poll() is None, "the daemon keeps running"
         redis.start()
-        wait_until(lambda: gw._alive() and gw.status()["uplinks"]["default"]["depth"] == 0, 60,
+        wait_until(lambda: gw._alive() and gw.status()["uplinks"]["default"]["depth"] == 0, 20,
                    "drained")
         after = [body(n) for n in range(10_000, 10_300)]
         for b in after:  # space is back: stored and delivered again
