@@ -45,7 +45,12 @@ def _looks_secret(key: str) -> bool:
 
 
 class StoreError(GatewayError):
-    """The local store could not complete an operation."""
+    """The local store could not complete an operation. ``disk_full``: SQLite reported
+    SQLITE_FULL (the disk, or store.max_page_count)."""
+
+    def __init__(self, message: str, *, disk_full: bool = False) -> None:
+        self.disk_full = disk_full
+        super().__init__(message)
 
 
 class QueueError(GatewayError):

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 from gateway.aio import wait_event
 from gateway.config import Config
-from gateway.errors import QueueError, RetryableError, UplinkUnavailable
+from gateway.errors import QueueError, RetryableError, StoreError, UplinkUnavailable
 from gateway.queue.interface import MessageQueueInterface, PublishResult
 from gateway.store.records import Settlement, StoredMessage
 from gateway.store.store import Store
@@ -90,6 +90,11 @@ class Forwarder:
                     self._note_unavailable(exc)
                     await self._backoff()
                     continue
+                except StoreError as exc:
+                    # e.g. a full disk refusing even the lease or the delete: keep running,
+                    # unsettled leases expire and the messages are delivered again.
+                    await self._store_trouble(exc)
+                    continue
                 if sent == 0:
                     await self._sleep_until_ready()
         finally:
@@ -113,6 +118,16 @@ class Forwarder:
         self.stats.state = "online"
         log.info("uplink %s connected", self.uplink.backend_name)
         return True
+
+    async def _store_trouble(self, exc: StoreError) -> None:
+        log.error("store error while forwarding (%s); retrying with backoff", exc)
+        if self._ahead is not None:  # its lease, if it got one, expires and is retried
+            self._ahead.cancel()
+            self._ahead = None
+        self._settling = None
+        self.stats.last_error = str(exc)
+        self._failures += 1
+        await self._backoff()
 
     def _note_unavailable(self, exc: BaseException) -> None:
         text = str(exc) or type(exc).__name__

@@ -136,7 +136,10 @@ class Gateway:
     async def _retention(self) -> None:
         period = max(1.0, min(60.0, self.config.store.max_age / 10))
         while True:
-            await self.store.expire()
+            try:
+                await self.store.expire()
+            except StoreError as exc:  # a full disk must not stop the daemon
+                log.error("retention pass failed: %s", exc)
             await asyncio.sleep(period)
 
     def install_signal_handlers(self) -> None:

@@ -34,7 +34,9 @@ Invariants:
    by ``delay_seconds`` do not block their topic.
 4. A lease is a deadline. An expired lease makes the message ready again (and counts as an
    attempt); a lease far in the future (wall clock stepped back) is treated as expired.
-5. Retention is store-wide on counted bytes and messages: when_full=drop_oldest deletes the
+5. A full disk never wedges the store: an 8 MiB reserve file beside it is given back on
+   SQLITE_FULL so leases, deletes and checkpoints can still be written (``reserve``).
+6. Retention is store-wide on counted bytes and messages: when_full=drop_oldest deletes the
    oldest messages of any queue; reject_new refuses the newcomer. Both are counted.
 """
 
@@ -45,8 +47,8 @@ import os
 import sqlite3
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, TypeVar
 
 import orjson
 
@@ -60,6 +62,9 @@ from gateway.store.records import (
     Settlement,
     StoredMessage,
 )
+from gateway.store.reserve import RESERVE_BYTES, DiskReserve
+
+R = TypeVar("R")
 
 SCHEMA_VERSION = 1
 SQLITE_FULL = 13
@@ -157,6 +162,7 @@ class StoreDb:
         self.dead_bytes = 0
         #: drops that could not be written (disk full); flushed with the next transaction
         self._unsaved: Counter[tuple[str, str]] = Counter()
+        self.reserve = DiskReserve(path + ".reserve", 0 if readonly else RESERVE_BYTES)
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -186,6 +192,7 @@ class StoreDb:
         conn.executescript(_SCHEMA)
         conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         self._load_totals()
+        self.reserve.ensure()
 
     def close(self) -> None:
         if self.conn is not None:
@@ -263,6 +270,8 @@ class StoreDb:
             if not is_disk_full(exc):
                 raise
         # The disk (or max_page_count) is full. drop_oldest: make room and try once more.
+        self.reserve.release()
+        self.checkpoint()
         if self.limits.when_full == "drop_oldest" and self.count:
             try:
                 self._free_for_disk(sum(len(msgs) for _, msgs in groups))
@@ -473,6 +482,36 @@ class StoreDb:
     # -- delivery ----------------------------------------------------------------------
 
     def lease(self, queue: str, limit: int, lease_seconds: float, now: float) -> list[StoredMessage]:
+        return self._with_room(self._lease, queue, limit, lease_seconds, now)
+
+    def settle(self, s: Settlement, now: float) -> None:
+        self._with_room(self._settle, s, now)
+
+    def expire(self, max_age: float, now: float, chunk: int = 1000) -> int:
+        return self._with_room(self._expire, max_age, now, chunk)
+
+    def _with_room(self, fn: Callable[..., R], *args: Any) -> R:
+        """Run a write; on SQLITE_FULL, checkpoint and try once more.
+
+        On a full file system even a DELETE fails when the WAL must grow. After a
+        RESTART checkpoint the next transaction writes from the start of the existing WAL
+        file, so the lease and the delete that free space can still be written."""
+        try:
+            return fn(*args)
+        except sqlite3.Error as exc:
+            self._rollback()
+            self._load_totals()
+            if not is_disk_full(exc):
+                raise
+        self.reserve.release()
+        self.checkpoint()
+        return fn(*args)
+
+    def checkpoint(self) -> None:
+        with contextlib.suppress(sqlite3.Error):
+            self._c.execute("PRAGMA wal_checkpoint(RESTART)")
+
+    def _lease(self, queue: str, limit: int, lease_seconds: float, now: float) -> list[StoredMessage]:
         """Lease up to ``limit`` ready messages, in delivery order (invariant 3)."""
         self._begin(durable=False)
         rows = self._c.execute(
@@ -497,7 +536,7 @@ class StoreDb:
         msgs.sort(key=lambda m: (-m.priority, m.seq))
         return msgs
 
-    def settle(self, s: Settlement, now: float) -> None:
+    def _settle(self, s: Settlement, now: float) -> None:
         self._begin(durable=False)
         c = self._c
         if s.delivered:
@@ -547,7 +586,7 @@ class StoreDb:
 
     # -- retention by age --------------------------------------------------------------
 
-    def expire(self, max_age: float, now: float, chunk: int = 1000) -> int:
+    def _expire(self, max_age: float, now: float, chunk: int = 1000) -> int:
         """Drop messages older than ``max_age`` (reason max_age). Returns how many."""
         cutoff = now - max_age
         self._begin(durable=False)
@@ -567,6 +606,7 @@ class StoreDb:
 
     def vacuum_if_sparse(self) -> int:
         """Give free pages back to the file system when a quarter of the file is free."""
+        self.reserve.ensure()
         c = self._c
         free = c.execute("PRAGMA freelist_count").fetchone()[0]
         total = c.execute("PRAGMA page_count").fetchone()[0]

@@ -24,14 +24,14 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import IO, TypeVar
 
 from gateway.aio import wait_event
 from gateway.config import StoreConfig
 from gateway.errors import StoreError
-from gateway.store.db import Limits, StoreDb
+from gateway.store.db import Limits, StoreDb, is_disk_full
 from gateway.store.records import (
     AppendOutcome,
     DeadLetter,
@@ -129,7 +129,16 @@ class Store:
         if self._executor is None:
             raise StoreError("the store is not open")
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, fn, *args)
+        return await self._translated(loop.run_in_executor(self._executor, fn, *args),
+                                      getattr(fn, "__name__", "store call"))
+
+    @staticmethod
+    async def _translated(call: Awaitable[R], what: str) -> R:
+        """SQLite errors leave the store as StoreError (disk_full set for SQLITE_FULL)."""
+        try:
+            return await call
+        except sqlite3.Error as exc:
+            raise StoreError(f"{what} failed: {exc}", disk_full=is_disk_full(exc)) from exc
 
     # -- append with group commit --------------------------------------------------------
 
@@ -168,7 +177,7 @@ class Store:
         started = time.monotonic()
         try:
             results = await self._run(self._db.append, [(q, msgs) for q, msgs, _ in batch])
-        except (sqlite3.Error, OSError) as exc:
+        except (StoreError, OSError) as exc:
             error = StoreError(f"commit failed: {exc}")
             for _, _, fut in batch:
                 if not fut.done():
@@ -234,8 +243,9 @@ class Store:
         a retried message can make messages ready."""
         if self._executor is None:
             raise StoreError("the store is not open")
-        fut = asyncio.get_running_loop().run_in_executor(self._executor, self._db.settle,
-                                                         settlement, time.time())
+        submitted = asyncio.get_running_loop().run_in_executor(
+            self._executor, self._db.settle, settlement, time.time())  # queued now, in order
+        fut = asyncio.ensure_future(self._translated(submitted, "settle"))
 
         def wake(_: asyncio.Future[None]) -> None:
             for queue in list(self._ready):
