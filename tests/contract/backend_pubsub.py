@@ -23,11 +23,10 @@ import pytest
 
 from gateway.errors import NotSupportedError
 from gateway.message import ATTR_MESSAGE_ID, QueueMessage, new_message_id
-from gateway.uplinks.pubsub.settings import PubSubSettings
+from gateway.uplinks.pubsub.settings import MAX_REQUEST_BYTES, PubSubSettings
 from gateway.uplinks.pubsub.uplink import (
     ATTR_DLQ_REASON,
     ATTR_DLQ_SOURCE,
-    MAX_REQUEST_BYTES,
     PubSubQueue,
 )
 from tests.contract.backends import ContractTarget

@@ -29,11 +29,10 @@ from gateway.message import ATTR_MESSAGE_ID, ATTR_MQTT_TOPIC, QueueMessage, new_
 from gateway.queue.registry import create_backend
 from gateway.store.records import NewMessage
 from gateway.store.store import Store
-from gateway.uplinks.pubsub.settings import PubSubSettings
+from gateway.uplinks.pubsub.settings import MAX_REQUEST_BYTES, PubSubSettings
 from gateway.uplinks.pubsub.uplink import (
     ATTR_DLQ_REASON,
     ATTR_DLQ_SOURCE,
-    MAX_REQUEST_BYTES,
     PubSubQueue,
 )
 from tests.pubsub_server import FakeAdmin, PubSubFake, pubsub_fake

@@ -10,7 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated
 
+from gateway.errors import ConfigError
 from gateway.settings import DURATION, SIZE
+
+#: the service's limit on one publish request (data, attributes and ordering key)
+MAX_REQUEST_BYTES = 10_000_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,3 +53,28 @@ class PubSubSettings:
     gcp_publish_timeout: Annotated[float, DURATION] = 20.0
     #: pull, acknowledge, administration and health-check requests
     gcp_request_timeout: Annotated[float, DURATION] = 10.0
+
+
+def check_settings(s: PubSubSettings) -> None:
+    """Ranges the service accepts; ConfigError naming the key otherwise."""
+    if s.gcp_max_messages < 1:
+        raise ConfigError("queue.gcp_max_messages", s.gcp_max_messages, "must be at least 1")
+    if not 10 <= s.gcp_ack_deadline <= 600:
+        raise ConfigError("queue.gcp_ack_deadline", s.gcp_ack_deadline, "must be 10s..600s")
+    if s.gcp_dead_letter_max_attempts and not 5 <= s.gcp_dead_letter_max_attempts <= 100:
+        raise ConfigError("queue.gcp_dead_letter_max_attempts", s.gcp_dead_letter_max_attempts,
+                          "must be 0 (no policy) or 5..100")
+    if not 1 <= s.gcp_batch_max_messages <= 1000:
+        raise ConfigError("queue.gcp_batch_max_messages", s.gcp_batch_max_messages,
+                          "must be 1..1000")
+    if not 1 <= s.gcp_batch_max_bytes <= MAX_REQUEST_BYTES:
+        raise ConfigError("queue.gcp_batch_max_bytes", s.gcp_batch_max_bytes,
+                          "must be 1 byte..10 MB")
+    for key, value in (("gcp_publish_timeout", s.gcp_publish_timeout),
+                       ("gcp_request_timeout", s.gcp_request_timeout)):
+        if value <= 0:
+            raise ConfigError(f"queue.{key}", value, "must be positive")
+    rest = s.gcp_subscription.replace("{queue}", "")
+    if not s.gcp_subscription or "{" in rest or "}" in rest:
+        raise ConfigError("queue.gcp_subscription", s.gcp_subscription,
+                          "a subscription name; the only placeholder is {queue}")

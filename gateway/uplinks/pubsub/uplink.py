@@ -3,25 +3,21 @@
 How MessageQueueInterface maps onto Pub/Sub (queue name = topic id; a name starting with
 ``projects/`` is a full topic path):
 
-- publish/publish_batch: every message goes through the library's batching publisher with
-  the gateway message id, the MQTT topic and all attributes as Pub/Sub attributes, and the
-  ordering key ``gcp_ordering_key`` renders (message ordering is on in the publisher when
-  the template is not ''). Each message's future is awaited without blocking the loop
-  (``asyncio.wrap_future``); every message gets its own outcome. One attempt per publish
-  request (``retry=None``): the forwarder does the retrying, so nothing piles up in the
-  library during an outage. A message the service cannot take (over 10 MB, too many or too
-  long attributes) is refused before sending: MessageRejected, dead-lettered by the
-  forwarder while the rest flow. A failed publish pauses its ordering key in the library;
-  the followers of that key in the batch are reported retryable (unavailable when the
-  cause was) and the key is resumed after the batch, so the next attempt can go.
+- publish/publish_batch: ``publisher`` hands every message to the library's batching
+  publisher with the gateway message id, the MQTT topic and all attributes as Pub/Sub
+  attributes, and the ordering key ``gcp_ordering_key`` renders, and awaits the futures
+  without blocking the loop; each message gets its own outcome (see that module). Topics
+  are created on first use when ``gcp_auto_create`` is on; a topic the uplink created gets
+  its subscription at once, since Pub/Sub drops what reaches a topic without one.
 - consume: synchronous pull of the subscription ``gcp_subscription`` names (up to
-  min(batch_size, gcp_max_messages) per pull, waiting up to wait_time_seconds), run in
-  the uplink's small thread pool. A message stays in flight until acknowledge (ack) or
-  reject; requeue = nack (ack deadline 0), so Pub/Sub redelivers it. reject(requeue=False)
-  publishes a copy to the topic ``queue.dlq_name`` with ``openhqm_dlq_reason`` and
-  ``openhqm_dlq_source``, then acks the original. retry_count = the service's delivery
-  attempt - 1 when the subscription has a dead-letter policy (only then does Pub/Sub count),
-  otherwise how often this client has seen the message.
+  min(batch_size, gcp_max_messages) per pull; the service decides how long an empty pull
+  waits, the deadline is wait_time_seconds + 5 s), in the uplink's small thread pool. A
+  message stays in flight until acknowledge (ack) or reject; requeue = nack (ack deadline
+  0), so Pub/Sub redelivers it. reject(requeue=False) publishes a copy to the topic
+  ``queue.dlq_name`` with ``openhqm_dlq_reason`` and ``openhqm_dlq_source``, then acks the
+  original. retry_count = the service's delivery attempt - 1 when the subscription has a
+  dead-letter policy (only then does Pub/Sub count), otherwise how often this client has
+  seen the message.
 - get_queue_depth: NotSupportedError. The Pub/Sub API does not report a backlog (only
   Cloud Monitoring's num_undelivered_messages metric does, and emulators have none).
 - create/delete: topic plus its subscription. purge_queue: NotSupportedError (a seek
@@ -34,7 +30,6 @@ How MessageQueueInterface maps onto Pub/Sub (queue name = topic id; a name start
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 from collections import OrderedDict
@@ -46,7 +41,6 @@ from datetime import UTC, datetime
 from typing import Any, Self, TypeVar
 
 from google.api_core import exceptions as gexc
-from google.pubsub_v1 import PublisherClient as GapicPublisherClient
 
 from gateway.config import Config
 from gateway.errors import (
@@ -54,7 +48,6 @@ from gateway.errors import (
     MessageRejected,
     NotSupportedError,
     QueueError,
-    RetryableError,
     UplinkUnavailable,
 )
 from gateway.message import ATTR_MESSAGE_ID, Body, QueueMessage, encode_body, new_message_id
@@ -62,28 +55,25 @@ from gateway.queue.interface import Handler, MessageQueueInterface, PublishResul
 from gateway.uplinks.kafka.keys import KeyTemplate
 from gateway.uplinks.pubsub.clients import Clients, build_clients
 from gateway.uplinks.pubsub.errors import BACKEND, translate
-from gateway.uplinks.pubsub.settings import PubSubSettings
+from gateway.uplinks.pubsub.publisher import (
+    GRACE,
+    MAX_ATTRIBUTE_VALUE_BYTES,
+    Publisher,
+    check_message,
+)
+from gateway.uplinks.pubsub.settings import PubSubSettings, check_settings
 
 log = logging.getLogger("gateway.uplinks.pubsub")
 
 ATTR_PRIORITY = "openhqm_priority"
 ATTR_DLQ_REASON = "openhqm_dlq_reason"
 ATTR_DLQ_SOURCE = "openhqm_dlq_source"
-#: the service's limits (https://cloud.google.com/pubsub/quotas#resource_limits)
-MAX_REQUEST_BYTES = 10_000_000
-MAX_ATTRIBUTES = 100
-MAX_ATTRIBUTE_KEY_BYTES = 256
-MAX_ATTRIBUTE_VALUE_BYTES = 1024
 _THREADS = 4
-_GRACE = 2.0  # on top of gcp_publish_timeout before a publish counts as unanswered
 _MIN_BACKOFF, _MAX_BACKOFF = 0.2, 5.0
 _REMEMBERED_DELIVERIES = 10_000
+_PULL_ROOM = 5.0  # seconds beyond wait_time_seconds before a pull is cut off
 _CREATE_OPTIONS = {"subscription", "ack_deadline", "dead_letter_max_attempts"}
-#: attribute names google-cloud-pubsub's publish() takes as its own keyword arguments
-_RESERVED = frozenset({"topic", "data", "ordering_key", "retry", "timeout"})
 R = TypeVar("R")
-#: a message handed to the library (its future), refused (the error) or already accepted
-_Submitted = asyncio.Future[Any] | QueueError | None
 
 
 @dataclass(eq=False, slots=True)
@@ -98,7 +88,7 @@ class PubSubQueue(MessageQueueInterface):
     backend_name = BACKEND
 
     def __init__(self, settings: PubSubSettings, *, dlq_name: str = "openhqm-dlq") -> None:
-        _check_settings(settings)
+        check_settings(settings)
         self.settings = settings
         self.dlq_name = dlq_name
         template = settings.gcp_ordering_key
@@ -109,7 +99,7 @@ class PubSubQueue(MessageQueueInterface):
         self._in_flight: dict[str, list[_InFlight]] = {}
         self._by_server_id: dict[tuple[str, str], _InFlight] = {}
         self._deliveries: OrderedDict[tuple[str, str], int] = OrderedDict()
-        self._outstanding: set[ConcurrentFuture[Any]] = set()
+        self._publisher = Publisher(self.ordering, settings.gcp_publish_timeout, self._call)
 
     @classmethod
     def from_config(cls, config: Config) -> Self:
@@ -192,10 +182,10 @@ class PubSubQueue(MessageQueueInterface):
             await loop.run_in_executor(executor, clients.publisher.stop)
         except Exception as exc:
             log.debug("gcp_pubsub: stopping the publisher: %s", exc)
-        pending = [asyncio.wrap_future(f) for f in list(self._outstanding)]
+        pending = [asyncio.wrap_future(f) for f in list(self._publisher.outstanding)]
         if pending:  # answered or failed within one publish timeout; closing earlier would
             # make the library's batch threads fail on a closed channel
-            await asyncio.wait(pending, timeout=self.settings.gcp_publish_timeout + _GRACE)
+            await asyncio.wait(pending, timeout=self.settings.gcp_publish_timeout + GRACE)
         await loop.run_in_executor(executor, clients.close)
         executor.shutdown(wait=False, cancel_futures=True)
 
@@ -248,85 +238,10 @@ class PubSubQueue(MessageQueueInterface):
             topic = await self._ensure_topic(queue_name)
         except QueueError as exc:
             return [PublishResult(m.id, exc) for m in messages]
-        keys = [self._ordering_key(m) for m in messages]
-        submitted: list[_Submitted] = []
-        failed_alone: set[str] = set()
-        for msg, key in zip(messages, keys, strict=True):
-            if key and key in failed_alone:
-                submitted.append(_paused(key, "an earlier message of the key failed"))
-            elif _RESERVED.isdisjoint(msg.attributes):
-                submitted.append(self._submit(clients, topic, msg, key))
-            else:
-                outcome = await self._publish_alone(clients, topic, msg, key,
-                                                    earlier=submitted, keys=keys)
-                submitted.append(outcome)
-                if outcome is not None and key:
-                    failed_alone.add(key)
-        waiting = [f for f in submitted if isinstance(f, asyncio.Future)]
-        if waiting:
-            _, late = await asyncio.wait(waiting, timeout=self.settings.gcp_publish_timeout + _GRACE)
-            for future in late:
-                future.cancel()  # only our view of it: the library still finishes the request
-        errors = _outcomes(submitted, keys, self.settings.gcp_publish_timeout)
-        if self.ordering is not None:
-            self._resume(clients, topic, {k for k, e in zip(keys, errors, strict=True) if e and k})
+        errors = await self._publisher.publish_batch(clients.publisher, topic, messages)
         if any(e is not None and e.code == "NotFound" for e in errors):
             self._known_topics.discard(topic)  # deleted under us: ensure it again next time
         return [PublishResult(m.id, e) for m, e in zip(messages, errors, strict=True)]
-
-    def _ordering_key(self, msg: QueueMessage) -> str:
-        if self.ordering is None:
-            return ""
-        key = self.ordering.render(msg)
-        return key.decode("utf-8") if key else ""
-
-    def _submit(self, clients: Clients, topic: str, msg: QueueMessage, key: str) -> _Submitted:
-        attrs = {**msg.attributes, ATTR_MESSAGE_ID: msg.id}
-        refused = check_message(msg.body, attrs, key)
-        if refused is not None:
-            return MessageRejected(refused, backend=BACKEND, code="TooLarge")
-        try:
-            future: ConcurrentFuture[Any] = clients.publisher.publish(
-                topic, msg.body, ordering_key=key, retry=None,
-                timeout=self.settings.gcp_publish_timeout, **attrs)
-        except Exception as exc:
-            return translate(exc, "publish", per_message=True)
-        self._outstanding.add(future)
-        future.add_done_callback(self._outstanding.discard)
-        return asyncio.wrap_future(future)
-
-    async def _publish_alone(self, clients: Clients, topic: str, msg: QueueMessage, key: str, *,
-                             earlier: list[_Submitted], keys: list[str]) -> _Submitted:
-        """A message with an attribute named like one of publish()'s own keyword arguments
-        (``topic``, ``timeout``, ...) cannot go through the library's batching publisher; it
-        goes in a request of its own, once everything before it was answered and only when
-        no earlier message of its ordering key failed, so it never overtakes one."""
-        attrs = {**msg.attributes, ATTR_MESSAGE_ID: msg.id}
-        refused = check_message(msg.body, attrs, key)
-        if refused is not None:
-            return MessageRejected(refused, backend=BACKEND, code="TooLarge")
-        pending = [f for f in earlier if isinstance(f, asyncio.Future)]
-        if pending:
-            await asyncio.wait(pending, timeout=self.settings.gcp_publish_timeout + _GRACE)
-        if key and any(k == key and _failed(f)
-                       for f, k in zip(earlier, keys[:len(earlier)], strict=True)):
-            return _paused(key, "an earlier message of the key failed")
-        request = {"topic": topic, "messages": [
-            {"data": msg.body, "attributes": attrs, "ordering_key": key}]}
-        try:
-            await self._call("publish", lambda: GapicPublisherClient.publish(
-                clients.publisher, request=request, retry=None,
-                timeout=self.settings.gcp_publish_timeout))
-        except QueueError as exc:
-            return exc
-        return None
-
-    def _resume(self, clients: Clients, topic: str, keys: set[str]) -> None:
-        """Let the library publish these ordering keys again after a failure paused them."""
-        for key in keys:
-            # RuntimeError: not paused (the failure happened before the library's sequencer)
-            with contextlib.suppress(RuntimeError, ValueError):
-                clients.publisher.resume_publish(topic, key)
 
     async def _ensure_topic(self, queue_name: str) -> str:
         topic = self.topic_path(queue_name)
@@ -385,11 +300,14 @@ class PubSubQueue(MessageQueueInterface):
         request = {"subscription": subscription, "max_messages": limit}
 
         def pull() -> list[Any]:
+            # The service decides how long a pull waits for messages. A deadline that cuts
+            # it off can lose the answer after the service handed messages out, and they
+            # then wait out their ack deadline; so the deadline leaves it room.
             try:
                 response = clients.subscriber.pull(request=request, retry=None,
-                                                   timeout=max(wait, 0.05))
+                                                   timeout=wait + _PULL_ROOM)
             except gexc.DeadlineExceeded:
-                return []  # nothing arrived within the wait
+                return []  # nothing arrived
             return list(response.received_messages)
 
         future = self._submit_call(f"pull {subscription}", pull)
@@ -525,7 +443,7 @@ class PubSubQueue(MessageQueueInterface):
         try:
             future = clients.publisher.publish(topic, msg.body, retry=None,
                                                timeout=self.settings.gcp_publish_timeout, **attrs)
-            async with asyncio.timeout(self.settings.gcp_publish_timeout + _GRACE):
+            async with asyncio.timeout(self.settings.gcp_publish_timeout + GRACE):
                 await asyncio.wrap_future(future)
         except TimeoutError as exc:
             raise UplinkUnavailable(f"dead-letter to {topic}: no answer", backend=BACKEND) from exc
@@ -637,71 +555,6 @@ class PubSubQueue(MessageQueueInterface):
         self._forget_subscription(subscription)
 
 
-def check_message(body: bytes, attributes: dict[str, str], ordering_key: str) -> str | None:
-    """Why the service would refuse this message, or None. Checked before sending so one bad
-    message neither fails a whole publish request nor pauses its ordering key."""
-    if len(attributes) > MAX_ATTRIBUTES:
-        return f"{len(attributes)} attributes; Pub/Sub allows {MAX_ATTRIBUTES}"
-    size = len(body) + len(ordering_key.encode())
-    for key, value in attributes.items():
-        if not isinstance(key, str) or not isinstance(value, str):
-            return f"attribute {key!r} is not a string pair"
-        key_bytes, value_bytes = len(key.encode()), len(value.encode())
-        if not 0 < key_bytes <= MAX_ATTRIBUTE_KEY_BYTES or key.startswith("goog"):
-            return f"attribute name {key[:40]!r}... is not allowed (1..256 bytes, not 'goog*')"
-        if value_bytes > MAX_ATTRIBUTE_VALUE_BYTES:
-            return (f"attribute {key!r} is {value_bytes} bytes; Pub/Sub allows "
-                    f"{MAX_ATTRIBUTE_VALUE_BYTES}")
-        size += key_bytes + value_bytes
-    if size > MAX_REQUEST_BYTES:
-        return f"message is {size} bytes; Pub/Sub accepts at most {MAX_REQUEST_BYTES}"
-    return None
-
-
-def _failed(outcome: _Submitted) -> bool:
-    if outcome is None or isinstance(outcome, QueueError):
-        return outcome is not None
-    return not outcome.done() or outcome.cancelled() or outcome.exception() is not None
-
-
-def _paused(key: str, why: str) -> RetryableError:
-    return RetryableError(f"publish: ordering key {key!r} paused: {why}", backend=BACKEND,
-                          code="OrderingKeyPaused")
-
-
-def _outcomes(submitted: list[_Submitted], keys: list[str],
-              timeout: float) -> list[QueueError | None]:
-    """One error (or None) per message. A failure pauses its ordering key: the later
-    messages of that key fail with it, as unavailable when the first failure was, else as
-    retryable."""
-    first_failure: dict[str, QueueError] = {}
-    errors: list[QueueError | None] = []
-    for future, key in zip(submitted, keys, strict=True):
-        if future is None or isinstance(future, QueueError):
-            errors.append(future)
-            continue
-        if future.cancelled():
-            errors.append(UplinkUnavailable(f"publish: no answer within {timeout}s",
-                                            backend=BACKEND))
-            continue
-        exc = future.exception()
-        if exc is None:
-            errors.append(None)
-            continue
-        cause = first_failure.get(key) if key else None
-        if cause is not None:
-            why = f"an earlier message of the key failed ({cause})"
-            errors.append(UplinkUnavailable(f"publish: ordering key {key!r} paused: {why}",
-                                            backend=BACKEND, code="OrderingKeyPaused")
-                          if isinstance(cause, UplinkUnavailable) else _paused(key, why))
-            continue
-        error = translate(exc, "publish", per_message=True)
-        if key:
-            first_failure[key] = error
-        errors.append(error)
-    return errors
-
-
 def _to_message(received: Any, retry_count: int) -> QueueMessage:
     message = received.message
     attributes = {str(k): str(v) for k, v in message.attributes.items()}
@@ -714,27 +567,3 @@ def _to_message(received: Any, retry_count: int) -> QueueMessage:
 
 def _clip(text: str, limit: int = MAX_ATTRIBUTE_VALUE_BYTES) -> str:
     return text.encode()[:limit].decode("utf-8", "ignore")
-
-
-def _check_settings(s: PubSubSettings) -> None:
-    if s.gcp_max_messages < 1:
-        raise ConfigError("queue.gcp_max_messages", s.gcp_max_messages, "must be at least 1")
-    if not 10 <= s.gcp_ack_deadline <= 600:
-        raise ConfigError("queue.gcp_ack_deadline", s.gcp_ack_deadline, "must be 10s..600s")
-    if s.gcp_dead_letter_max_attempts and not 5 <= s.gcp_dead_letter_max_attempts <= 100:
-        raise ConfigError("queue.gcp_dead_letter_max_attempts", s.gcp_dead_letter_max_attempts,
-                          "must be 0 (no policy) or 5..100")
-    if not 1 <= s.gcp_batch_max_messages <= 1000:
-        raise ConfigError("queue.gcp_batch_max_messages", s.gcp_batch_max_messages,
-                          "must be 1..1000")
-    if not 1 <= s.gcp_batch_max_bytes <= MAX_REQUEST_BYTES:
-        raise ConfigError("queue.gcp_batch_max_bytes", s.gcp_batch_max_bytes,
-                          "must be 1 byte..10 MB")
-    for key, value in (("gcp_publish_timeout", s.gcp_publish_timeout),
-                       ("gcp_request_timeout", s.gcp_request_timeout)):
-        if value <= 0:
-            raise ConfigError(f"queue.{key}", value, "must be positive")
-    rest = s.gcp_subscription.replace("{queue}", "")
-    if not s.gcp_subscription or "{" in rest or "}" in rest:
-        raise ConfigError("queue.gcp_subscription", s.gcp_subscription,
-                          "a subscription name; the only placeholder is {queue}")
