@@ -132,8 +132,10 @@ def status_report(config: Config) -> dict[str, Any]:
                 "dead_letter": st.dead_letter, "delivered_total": st.delivered_total,
                 "dropped": st.dropped,
             }
+        quarantined = db.counter(UPLINK_QUEUE, "quarantined_files")
         return {"store": {"path": config.store_path, "bytes": db.file_bytes(),
-                          "messages": messages}, "uplinks": uplinks}
+                          "messages": messages, "quarantined_files": quarantined},
+                "uplinks": uplinks}
     finally:
         db.close()
 
@@ -145,6 +147,9 @@ def _status(config: Config, as_json: bool) -> int:
         return 0
     store = report["store"]
     print(f"store    {store['path']}: {store['messages']} messages, {store['bytes']} bytes on disk")
+    if store["quarantined_files"]:
+        print(f"WARNING  {store['quarantined_files']} damaged store file(s) were moved aside "
+              f"(<path>.corrupt-*); see the log")
     for name, u in report["uplinks"].items():
         age = "-" if u["oldest_age_seconds"] is None else f"{u['oldest_age_seconds']:.1f}s"
         dropped = ", ".join(f"{k}={v}" for k, v in sorted(u["dropped"].items())) or "none"

@@ -679,6 +679,11 @@ class StoreDb:
                           None if oldest is None else max(0.0, now - oldest), int(dead),
                           int(counters.get("delivered_total", 0)), dropped)
 
+    def counter(self, queue: str, name: str) -> int:
+        row = self._c.execute("SELECT value FROM counters WHERE queue = ? AND name = ?",
+                              (queue, name)).fetchone()
+        return int(row[0]) if row else 0
+
     def ping(self) -> bool:
         return bool(self._c.execute("SELECT 1").fetchone()[0] == 1)
 

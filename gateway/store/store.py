@@ -88,8 +88,9 @@ class Store:
                 released = await self._run(self._db.release_all_leases)
                 if released:
                     log.info("released %d leases held before the last stop", released)
-        except sqlite3.Error as exc:
+        except (StoreError, sqlite3.Error, OSError) as exc:
             await self._shutdown_executor()
+            self._release_lock()
             raise StoreError(f"cannot open the store {self.path}: {exc}") from exc
         self._closing = False
         self._committer = asyncio.create_task(self._commit_loop(), name="store-commit")
@@ -106,6 +107,9 @@ class Store:
             with contextlib.suppress(sqlite3.Error):
                 await self._run(self._db.close)
             await self._shutdown_executor()
+        self._release_lock()
+
+    def _release_lock(self) -> None:
         if self._lock_file is not None:
             self._lock_file.close()
             self._lock_file = None

@@ -76,9 +76,9 @@ CASES = {
 
 @pytest.mark.parametrize("how", [
     pytest.param("tmpfs_uplink_returns", marks=pytest.mark.xfail(strict=True, reason=(
-        "known bug (docs/reliability.md, Known gaps): on a really full file system the "
-        "forwarder's lease/settle COMMIT fails with SQLITE_FULL (the WAL cannot grow) and the "
-        "daemon exits"))),
+        "known gap (docs/reliability.md, Known gaps): on a really full file system the daemon "
+        "keeps running, but refused appends use up the released disk reserve and the "
+        "forwarder's lease keeps failing with SQLITE_FULL, so the store does not drain"))),
     "max_page_count",
 ])
 def test_full_disk_policy_applies_daemon_keeps_running_and_recovers(
