@@ -16,6 +16,7 @@ import pytest
 
 from tests.contract.backend_custom import custom_backend
 from tests.contract.backend_kafka import kafka_backend, kafka_broker
+from tests.contract.backend_mqtt import mqtt_backend
 from tests.contract.backend_pubsub import pubsub_backend, pubsub_emulator, pubsub_fake_server
 from tests.contract.backend_sqs import elasticmq, moto_sqs, sqs_elasticmq_backend, sqs_moto_backend
 from tests.contract.backends import ContractTarget, redis_backend, sqlite_backend
@@ -24,11 +25,13 @@ __all__ = ["ContractTarget", "backend", "kafka_backend", "kafka_broker", "redis_
            "sqlite_backend"]
 __all__ += ["pubsub_backend", "pubsub_emulator", "pubsub_fake_server"]
 __all__ += ["custom_backend"]
+__all__ += ["mqtt_backend"]
 __all__ += ["elasticmq", "moto_sqs", "sqs_elasticmq_backend", "sqs_moto_backend"]
 
 CONTRACT_BACKENDS = ["sqlite", "redis", "kafka"]
 CONTRACT_BACKENDS += ["pubsub"]
 CONTRACT_BACKENDS += ["custom"]
+CONTRACT_BACKENDS += ["mqtt"]
 CONTRACT_BACKENDS += ["sqs_moto", "sqs_elasticmq"]
 
 

@@ -37,6 +37,8 @@ acknowledgement, at QoS 1/2 only:
   queue.dlq_name) with openhqm_reason, then acknowledged.
 - Messages received before a restart and not acknowledged are redelivered by the broker
   (persistent session); they count a retry.
+- MQTT keeps nothing for a subscription that does not exist yet: ``subscribe_session``
+  subscribes the session without consuming, before anything is published.
 
 Not supported (NotSupportedError): get_queue_depth (MQTT has no way to ask), create_queue,
 delete_queue, purge_queue (topics are not created or deleted; a broker's queued session
@@ -306,11 +308,7 @@ class MqttQueue(MessageQueueInterface):
         if self.settings.mqtt_qos == 0:
             raise NotSupportedError(BACKEND, "consume at QoS 0",
                                     "a QoS 0 message cannot be acknowledged")
-        try:
-            topic_filter = subscription_filter(self.settings.mqtt_topic_template, queue_name,
-                                               self.gateway_id)
-        except ValueError as exc:
-            raise NotSupportedError(BACKEND, "consume", str(exc)) from None
+        topic_filter = self._filter(queue_name)
         backoff = _BACKOFF[0]
         while True:
             try:
@@ -320,17 +318,44 @@ class MqttQueue(MessageQueueInterface):
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, _BACKOFF[1])
 
-    async def _consume_session(self, queue_name: str, topic_filter: str, handler: Handler) -> None:
-        inbox: asyncio.Queue[mqtt.MQTTMessage] = asyncio.Queue()
-        options = LinkOptions(f"{self.client_id}-sub", clean_start=False,
-                              session_expiry=self.settings.mqtt_session_expiry, manual_ack=True)
-        link = Link(self.settings, options, on_message=inbox.put_nowait)
+    def _session_options(self) -> LinkOptions:
+        return LinkOptions(f"{self.client_id}-sub", clean_start=False,
+                           session_expiry=self.settings.mqtt_session_expiry, manual_ack=True)
+
+    def _filter(self, queue_name: str) -> str:
+        try:
+            return subscription_filter(self.settings.mqtt_topic_template, queue_name,
+                                       self.gateway_id)
+        except ValueError as exc:
+            raise NotSupportedError(BACKEND, "consume", str(exc)) from None
+
+    async def subscribe_session(self, queue_name: str) -> None:
+        """Make consume()'s persistent session subscribe to ``queue_name`` now, without
+        consuming: from then on the broker keeps what is published there until consume()
+        takes it (within ``mqtt_session_expiry``). MQTT keeps nothing for a subscription
+        that does not exist yet, so a consumer must subscribe before messages are sent."""
+        if self.settings.mqtt_qos == 0:
+            raise NotSupportedError(BACKEND, "subscribe_session",
+                                    "a QoS 0 subscription keeps nothing for a session")
+        link = Link(self.settings, self._session_options())
         await link.open()
         try:
-            reasons = await link.subscribe(topic_filter, self.settings.mqtt_qos)
-            if any(r.is_failure for r in reasons):
-                raise UplinkUnavailable(f"subscription to {topic_filter} refused: {reasons}",
-                                        backend=BACKEND)
+            await self._subscribe(link, self._filter(queue_name))
+        finally:
+            await link.close()
+
+    async def _subscribe(self, link: Link, topic_filter: str) -> None:
+        reasons = await link.subscribe(topic_filter, self.settings.mqtt_qos)
+        if any(r.is_failure for r in reasons):
+            raise UplinkUnavailable(f"subscription to {topic_filter} refused: {reasons}",
+                                    backend=BACKEND)
+
+    async def _consume_session(self, queue_name: str, topic_filter: str, handler: Handler) -> None:
+        inbox: asyncio.Queue[mqtt.MQTTMessage] = asyncio.Queue()
+        link = Link(self.settings, self._session_options(), on_message=inbox.put_nowait)
+        await link.open()
+        try:
+            await self._subscribe(link, topic_filter)
             while True:
                 if not link.up:
                     raise link.lost or UplinkUnavailable("connection lost", backend=BACKEND)
