@@ -87,7 +87,6 @@ CREATE TABLE IF NOT EXISTS messages(
 );
 CREATE INDEX IF NOT EXISTS messages_ready ON messages(queue, priority DESC, seq);
 CREATE INDEX IF NOT EXISTS messages_retrying ON messages(queue, topic) WHERE attempts > 0;
-CREATE INDEX IF NOT EXISTS messages_id ON messages(id);
 CREATE TABLE IF NOT EXISTS dead_letters(
     dl_seq INTEGER PRIMARY KEY,
     id TEXT NOT NULL,
@@ -177,6 +176,9 @@ class StoreDb:
         os.makedirs(parent, exist_ok=True)
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self.conn = conn
+        # Small pages: a commit of a few dozen messages rewrites ~1 KB leaves instead of
+        # 4 KB ones, which cuts bytes written per message by ~40% (SD card wear).
+        conn.execute("PRAGMA page_size=1024")  # only takes effect on a new file
         conn.execute("PRAGMA auto_vacuum=INCREMENTAL")  # only takes effect on a new file
         mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
         if mode.lower() != "wal":
@@ -575,16 +577,6 @@ class StoreDb:
             "SELECT min(max(not_before, lease_until)) FROM messages WHERE queue = ? AND "
             "(not_before > ? OR lease_until > ?)", (queue, now, now)).fetchone()
         return float(row[0]) if row and row[0] is not None else None
-
-    def find(self, queue: str | None, message_id: str) -> list[int]:
-        sql = "SELECT seq FROM messages WHERE id = ?"
-        args: tuple[Any, ...] = (message_id,)
-        if queue is not None:
-            sql += " AND queue = ?"
-            args += (queue,)
-        return [r[0] for r in self._c.execute(sql, args)]
-
-    # -- retention by age --------------------------------------------------------------
 
     def _expire(self, max_age: float, now: float, chunk: int = 1000) -> int:
         """Drop messages older than ``max_age`` (reason max_age). Returns how many."""

@@ -258,9 +258,6 @@ class Store:
         fut.add_done_callback(wake)
         return fut
 
-    async def find(self, queue: str | None, message_id: str) -> list[int]:
-        return await self._run(self._db.find, queue, message_id)
-
     # -- retention, dead letters, stats ---------------------------------------------------
 
     async def expire(self) -> int:
