@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from gateway.config import Config, ForwarderConfig, QueueConfig, StoreConfig, load_config
-from gateway.errors import MessageRejected, NotSupportedError, QueueError, UplinkUnavailable
+from gateway.errors import ConfigError, MessageRejected, NotSupportedError, QueueError, UplinkUnavailable
 from gateway.forwarder import UPLINK_QUEUE, Forwarder
 from gateway.message import ATTR_MESSAGE_ID, ATTR_MQTT_TOPIC, QueueMessage, new_message_id
 from gateway.queue.registry import create_backend
@@ -333,6 +333,15 @@ def test_seed_keys_and_env_overrides_build_the_uplink(tmp_path: Path) -> None:
     assert (s.sqs_region, s.endpoint_url) == ("eu-central-1", "http://127.0.0.1:9324")
     assert s.sqs_max_message_size == 1024 * 1024 and s.sqs_visibility_timeout == 120.0
     assert backend._urls == {"openhqm-requests": s.sqs_queue_url}
+
+
+@pytest.mark.parametrize(("key", "value"), [("endpoint_url", "not a url"),
+                                          ("sqs_region", "bad region!"),
+                                          ("sqs_profile", "no-such-profile")])
+async def test_bad_settings_fail_connect_with_the_key(sqs_env: None, key: str, value: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        await SqsQueue(replace(SqsSettings(), **{key: value})).connect()
+    assert caught.value.key == f"queue.{key}"
 
 
 # -- outages --------------------------------------------------------------------------------

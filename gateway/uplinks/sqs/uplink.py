@@ -78,6 +78,7 @@ from gateway.uplinks.sqs.errors import (
     STALE_RECEIPT,
     boundary,
     entry_error,
+    translate,
 )
 from gateway.uplinks.sqs.settings import SqsSettings
 
@@ -167,10 +168,15 @@ class SqsQueue(MessageQueueInterface):
                            max_pool_connections=max(10, s.sqs_max_concurrent_batches + 4))
         stack = contextlib.AsyncExitStack()
         try:
-            with boundary("connect"):
-                self._client = await stack.enter_async_context(session.client(
-                    "sqs", region_name=s.sqs_region, endpoint_url=s.endpoint_url or None,
-                    config=config))
+            self._client = await stack.enter_async_context(session.client(
+                "sqs", region_name=s.sqs_region, endpoint_url=s.endpoint_url or None,
+                config=config))
+        except bexc.InvalidRegionError as exc:
+            await stack.aclose()
+            raise ConfigError("queue.sqs_region", s.sqs_region, str(exc)) from None
+        except (bexc.BotoCoreError, OSError) as exc:
+            await stack.aclose()
+            raise translate(exc, "connect") from exc
         except ValueError as exc:  # a malformed endpoint_url
             await stack.aclose()
             raise ConfigError("queue.endpoint_url", s.endpoint_url, str(exc)) from None
