@@ -129,6 +129,37 @@ def test_codec_round_trips_every_payload_and_attribute_set() -> None:
     assert codec.group_id(None) == "openhqm"
 
 
+def test_sdk_errors_map_onto_the_gateway_tree() -> None:
+    from botocore.exceptions import ClientError, EndpointConnectionError
+
+    from gateway.errors import PermanentError, RetryableError
+    from gateway.uplinks.sqs.errors import entry_error, translate
+
+    def client_error(code: str, status: int) -> ClientError:
+        return ClientError({"Error": {"Code": code, "Message": "m"},
+                            "ResponseMetadata": {"HTTPStatusCode": status}}, "SendMessage")
+
+    assert isinstance(entry_error("InvalidParameterValue", "bad", True), MessageRejected)
+    assert type(entry_error("InternalError", "oops", False)) is RetryableError
+    assert type(entry_error("ThrottlingException", "slow", True)) is RetryableError
+    cases: list[tuple[Any, type[QueueError]]] = [
+        (client_error("AWS.SimpleQueueService.NonExistentQueue", 400), UplinkUnavailable),
+        (client_error("QueueDoesNotExist", 400), UplinkUnavailable),
+        (client_error("AccessDenied", 403), UplinkUnavailable),
+        (client_error("RequestThrottled", 400), UplinkUnavailable),
+        (client_error("InternalError", 500), UplinkUnavailable),
+        (client_error("InvalidParameterValue", 400), PermanentError),
+        (client_error("SomethingNew", 400), RetryableError),
+        (EndpointConnectionError(endpoint_url="http://x"), UplinkUnavailable),
+    ]
+    for exc, expected in cases:
+        assert type(translate(exc, "op")) is expected, exc
+    assert type(translate(client_error("MessageTooLong", 400), "op", per_message=True)) \
+        is MessageRejected
+    assert translate(client_error("AWS.SimpleQueueService.NonExistentQueue", 400),
+                     "op").code == "NonExistentQueue"
+
+
 # -- batching within the service limits -----------------------------------------------------
 
 async def test_25_messages_take_3_calls_and_an_oversized_one_fails_alone(
