@@ -26,5 +26,5 @@ install_python() {
   fi
   echo "==> pip install -e .[$extras]"
   .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-  .venv/bin/python -m pip install -q -e ".[$extras]"
+  .venv/bin/python -m pip install -q -c scripts/constraints.txt -e ".[$extras]"
 }

@@ -69,8 +69,8 @@ CASES = {
     # the store on a 3 MB tmpfs (with a 1 MB ballast file in it); space is to come back
     # by draining the store into the uplink
     "tmpfs_uplink_returns": {"store": {"when_full": "reject_new"}},
-    # SQLite's max_page_count: 300 pages of 4 KB; space returns by draining
-    "max_page_count": {"store": {"when_full": "drop_oldest", "max_page_count": 300}},
+    # SQLite's max_page_count: 1200 pages of 1 KB; space returns by draining
+    "max_page_count": {"store": {"when_full": "drop_oldest", "max_page_count": 1200}},
 }
 
 
