@@ -78,6 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace, config: Config) -> int:
     if args.command == "config":
+        _check_uplink(config)
         print(f"# valid configuration from {config.source}")
         print(yaml.safe_dump(effective_config(config), sort_keys=False), end="")
         return 0
@@ -86,6 +87,18 @@ def _dispatch(args: argparse.Namespace, config: Config) -> int:
     if args.command == "status":
         return _status(config, as_json=args.json)
     return _dlq(args, config)
+
+
+def _check_uplink(config: Config) -> None:
+    """Build the uplink without connecting: a missing extra, a custom class that does not
+    load, or an MQTT uplink that would re-ingest its own messages fails here, not at run."""
+    from gateway.errors import BackendNotInstalled, NotSupportedError
+    from gateway.queue.registry import create_backend
+
+    try:
+        create_backend(config)
+    except (BackendNotInstalled, NotSupportedError) as exc:
+        raise ConfigError("queue.type", config.queue.type, str(exc), config.source) from None
 
 
 def _run(config: Config) -> int:

@@ -231,3 +231,13 @@ def test_config_check_masks_secrets(tmp_path: Path) -> None:
                       "  redis_url: redis://:topsecret@h:6379/0\n")
     out = GatewayProcess(config, tmp_path).cli("config", "check").stdout
     assert "hunter2" not in out and "topsecret" not in out and "***" in out
+
+
+def test_config_check_builds_the_uplink(tmp_path: Path) -> None:
+    """A config that parses but whose uplink cannot be built fails `config check`, not `run`."""
+    config = tmp_path / "custom.yaml"
+    config.write_text("queue:\n  type: custom\n  custom_module: no.such.module\n"
+                      "  custom_class: Nope\n")
+    result = GatewayProcess(config, tmp_path).cli("config", "check", check=False)
+    assert result.returncode == 2
+    assert "no.such.module" in result.stderr
