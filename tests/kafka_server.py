@@ -22,13 +22,12 @@ import socket
 import struct
 import subprocess
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from tests.servers import IN_CI, ServerProcess, free_port, wait_until
+from tests.servers import IN_CI, ServerProcess, SharedServer, free_port, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_JARS_DIR = REPO / ".cache" / "kafka-jars"
@@ -242,28 +241,10 @@ def _recv_exact(s: socket.socket, n: int) -> bytes:
     return bytes(chunks)
 
 
-@dataclass
-class _Shared:
-    broker: KafkaBroker | None = None
-    users: int = 0
+_SHARED: SharedServer[KafkaBroker] = SharedServer(kafka_server, "kafka")
 
 
-_SHARED = _Shared()
-
-
-@contextlib.contextmanager
-def shared_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaBroker]:
+def shared_broker(tmp_path_factory: pytest.TempPathFactory) -> contextlib.AbstractContextManager[KafkaBroker]:
     """One broker per test session, however many fixtures (integration, contract, benchmark
     helpers) ask for it; the last user to leave stops it."""
-    if _SHARED.broker is None:
-        broker = kafka_server(tmp_path_factory.mktemp("kafka"))
-        broker.start()
-        _SHARED.broker = broker
-    _SHARED.users += 1
-    try:
-        yield _SHARED.broker
-    finally:
-        _SHARED.users -= 1
-        if _SHARED.users == 0 and _SHARED.broker is not None:
-            _SHARED.broker.stop()
-            _SHARED.broker = None
+    return _SHARED.use(tmp_path_factory)

@@ -16,14 +16,13 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.servers import IN_CI, ServerProcess, free_port, wait_until
+from tests.servers import IN_CI, ServerProcess, SharedServer, free_port, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_BINARY = REPO / ".cache" / "pstest" / "pstest"
@@ -81,31 +80,13 @@ def pubsub_fake(workdir: Path, port: int | None = None) -> PubSubFake:
     return PubSubFake("pstest", [binary, "-port", str(port)], workdir, port, _ready)
 
 
-@dataclass
-class _Shared:
-    fake: PubSubFake | None = None
-    users: int = 0
+_SHARED: SharedServer[PubSubFake] = SharedServer(pubsub_fake, "pstest")
 
 
-_SHARED = _Shared()
-
-
-@contextlib.contextmanager
-def shared_fake(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PubSubFake]:
+def shared_fake(tmp_path_factory: pytest.TempPathFactory) -> contextlib.AbstractContextManager[PubSubFake]:
     """One fake per test session for the integration and contract tests; tests keep apart
     by using their own project id. The last user to leave stops it."""
-    if _SHARED.fake is None:
-        fake = pubsub_fake(tmp_path_factory.mktemp("pstest"))
-        fake.start()
-        _SHARED.fake = fake
-    _SHARED.users += 1
-    try:
-        yield _SHARED.fake
-    finally:
-        _SHARED.users -= 1
-        if _SHARED.users == 0 and _SHARED.fake is not None:
-            _SHARED.fake.stop()
-            _SHARED.fake = None
+    return _SHARED.use(tmp_path_factory)
 
 
 class FakeAdmin:

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Generic, Protocol, TypeVar
 
 import pytest
 
@@ -187,3 +188,37 @@ def running(server: ServerProcess) -> Iterator[ServerProcess]:
         yield server
     finally:
         server.stop()
+
+
+class _Startable(Protocol):
+    def start(self, timeout: float = ...) -> None: ...
+    def stop(self, sig: int = ...) -> None: ...
+
+
+S = TypeVar("S", bound=_Startable)
+
+
+class SharedServer(Generic[S]):
+    """One server per test session, however many fixtures ask for it; the last user to
+    leave stops it."""
+
+    def __init__(self, make: Callable[[Path], S], name: str) -> None:
+        self.make = make
+        self.name = name
+        self.server: S | None = None
+        self.users = 0
+
+    @contextlib.contextmanager
+    def use(self, tmp_path_factory: pytest.TempPathFactory) -> Iterator[S]:
+        if self.server is None:
+            server = self.make(tmp_path_factory.mktemp(self.name))
+            server.start()
+            self.server = server
+        self.users += 1
+        try:
+            yield self.server
+        finally:
+            self.users -= 1
+            if self.users == 0 and self.server is not None:
+                self.server.stop()
+                self.server = None
