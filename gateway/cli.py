@@ -111,11 +111,7 @@ def _run(config: Config) -> int:
 
 
 def _open_db(config: Config, readonly: bool) -> StoreDb:
-    st = config.store
-    db = StoreDb(config.store_path, Limits(
-        max_bytes=st.max_bytes, max_messages=st.max_messages, when_full=st.when_full,
-        max_attempts=st.max_attempts, dead_letter_max_messages=st.dead_letter_max_messages,
-        dead_letter_max_bytes=2**62, durability=st.durability), readonly=readonly)
+    db = StoreDb(config.store_path, Limits.from_config(config.store), readonly=readonly)
     if readonly and not os.path.exists(config.store_path):
         raise GatewayError(f"no store at {config.store_path} (has the gateway run yet?)")
     try:

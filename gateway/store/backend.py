@@ -72,6 +72,13 @@ class SqliteQueue(MessageQueueInterface):
         return NewMessage(message_id, attributes.get(ATTR_MQTT_TOPIC, ""), body,
                           dict(attributes), time.time(), priority, delay_seconds)
 
+    def _too_large(self, body: bytes) -> MessageRejected | None:
+        """A body larger than store.max_bytes could never fit, whatever is dropped."""
+        if len(body) <= self._cfg.max_bytes:
+            return None
+        return MessageRejected(f"message of {len(body)} bytes exceeds store.max_bytes "
+                               f"({self._cfg.max_bytes})", backend=self.backend_name)
+
     def _error(self, outcome: AppendOutcome) -> RetryableError | None:
         if outcome.durable:
             return None
@@ -89,9 +96,9 @@ class SqliteQueue(MessageQueueInterface):
                       message_id: str | None = None) -> str:
         mid = message_id or new_message_id()
         body = encode_body(message)
-        if len(body) > self._cfg.max_bytes:
-            raise MessageRejected(f"message of {len(body)} bytes exceeds store.max_bytes "
-                                  f"({self._cfg.max_bytes})", backend=self.backend_name)
+        too_large = self._too_large(body)
+        if too_large is not None:
+            raise too_large
         new = self._new(mid, body, attributes or {}, priority, delay_seconds)
         (outcome,) = await self._append(queue_name, [new])
         error = self._error(outcome)
@@ -104,10 +111,9 @@ class SqliteQueue(MessageQueueInterface):
         results: dict[str, PublishResult] = {}
         accepted = []
         for m in messages:
-            if len(m.body) > self._cfg.max_bytes:  # could never fit, whatever is dropped
-                results[m.id] = PublishResult(m.id, MessageRejected(
-                    f"message of {len(m.body)} bytes exceeds store.max_bytes ({self._cfg.max_bytes})",
-                    backend=self.backend_name))
+            too_large = self._too_large(m.body)
+            if too_large is not None:
+                results[m.id] = PublishResult(m.id, too_large)
             else:
                 accepted.append(m)
         news = [self._new(m.id, m.body, m.attributes, 0, 0) for m in accepted]

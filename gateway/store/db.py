@@ -48,10 +48,12 @@ import sqlite3
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import orjson
 
+from gateway.config import StoreConfig
 from gateway.store.records import (
     STORED,
     AppendOutcome,
@@ -125,22 +127,29 @@ def _row_to_message(row: Sequence[Any]) -> StoredMessage:
                          row[7], row[8])
 
 
+#: the dead-letter table's byte cap (its message cap is store.dead_letter_max_messages)
+DEAD_LETTER_MAX_BYTES = 64 * 1024**2
+
+
+@dataclass(frozen=True, slots=True)
 class Limits:
     """The retention and retry settings the SQL layer enforces."""
 
-    def __init__(self, *, max_bytes: int, max_messages: int, when_full: str,
-                 max_attempts: int, dead_letter_max_messages: int,
-                 dead_letter_max_bytes: int, max_page_count: int = 0,
-                 durability: str = "full") -> None:
-        self.max_bytes = max_bytes
-        self.max_messages = max_messages
-        self.when_full = when_full
-        self.max_attempts = max_attempts
-        self.dead_letter_max_messages = dead_letter_max_messages
-        self.dead_letter_max_bytes = dead_letter_max_bytes
-        self.max_page_count = max_page_count
-        self.durability = durability
+    max_bytes: int
+    max_messages: int
+    when_full: str
+    max_attempts: int
+    dead_letter_max_messages: int
+    dead_letter_max_bytes: int = DEAD_LETTER_MAX_BYTES
+    max_page_count: int = 0
+    durability: str = "full"
 
+    @classmethod
+    def from_config(cls, cfg: StoreConfig) -> Limits:
+        return cls(max_bytes=cfg.max_bytes, max_messages=cfg.max_messages,
+                   when_full=cfg.when_full, max_attempts=cfg.max_attempts,
+                   dead_letter_max_messages=cfg.dead_letter_max_messages,
+                   max_page_count=cfg.max_page_count, durability=cfg.durability)
 
 def is_disk_full(exc: BaseException) -> bool:
     return isinstance(exc, sqlite3.Error) and getattr(exc, "sqlite_errorcode", None) == SQLITE_FULL

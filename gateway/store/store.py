@@ -45,8 +45,6 @@ from gateway.store.recovery import open_checked
 log = logging.getLogger("gateway.store")
 R = TypeVar("R")
 
-DEAD_LETTER_MAX_BYTES = 64 * 1024**2
-
 _Pending = tuple[str, Sequence[NewMessage], "asyncio.Future[list[AppendOutcome]]"]
 
 
@@ -55,11 +53,7 @@ class Store:
         self.path = path
         self.cfg = cfg
         self.exclusive = exclusive
-        self._db = StoreDb(path, Limits(
-            max_bytes=cfg.max_bytes, max_messages=cfg.max_messages, when_full=cfg.when_full,
-            max_attempts=cfg.max_attempts, dead_letter_max_messages=cfg.dead_letter_max_messages,
-            dead_letter_max_bytes=DEAD_LETTER_MAX_BYTES, max_page_count=cfg.max_page_count,
-            durability=cfg.durability))
+        self._db = StoreDb(path, Limits.from_config(cfg))
         self._executor: ThreadPoolExecutor | None = None
         self._lock_file: IO[bytes] | None = None
         self._pending: list[_Pending] = []
