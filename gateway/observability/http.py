@@ -9,7 +9,9 @@ Routes (GET only, loopback by default — ``observability.listen``):
                 ``stuck_backlog_age`` and the uplink acknowledged something within
                 ``stuck_no_ack``. 503 with the failing checks otherwise. "Connected" alone
                 is not "ready": a link that accepts nothing is reported.
-- ``/``         a small status page for a technician on site (refreshes itself).
+- ``/``         a status page for a technician on site: buffer depth and age, uplink state,
+                message rates over the last minutes. Its script keeps it current from
+- ``/status.json`` the same figures as JSON: snapshot, readiness failures, rates.
 
 The server is a few dozen lines on ``asyncio.start_server``: one request per connection,
 bounded header size and read time, no third-party web framework on a 1 GB device.
@@ -21,6 +23,7 @@ import asyncio
 import contextlib
 import html
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -129,47 +132,196 @@ def render_metrics(s: Snapshot) -> str:
     return "\n".join(out) + "\n"
 
 
+# --- the status page ------------------------------------------------------------------------
+# Rendered complete on the server (it works without JavaScript: it then reloads every 5 s),
+# then kept current by a few lines of JavaScript that fetch /status.json every 5 s and fill
+# the same elements with the same formatting. No external assets: it must work on a site
+# without internet access.
+
+RATE_STEP = 10  # seconds per rate sample (ObservabilityServer._sample_rates)
+STATE_TEXT = {"online": "online", "connecting": "connecting", "backing_off": "offline, retrying",
+              "stopped": "stopped"}
+STATE_CLASS = {"online": "ok", "connecting": "warn", "backing_off": "bad", "stopped": "warn"}
+
+
+def fmt_age(seconds: float | None) -> str:
+    if seconds is None:
+        return "—"
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    if seconds < 3600:
+        return f"{int(seconds // 60)} min {int(seconds % 60)} s"
+    if seconds < 86400:
+        return f"{int(seconds // 3600)} h {int(seconds % 3600 // 60)} min"
+    return f"{int(seconds // 86400)} d {int(seconds % 86400 // 3600)} h"
+
+
+def mean_rates(rates: list[tuple[float, float]], minutes: int) -> tuple[float, float] | None:
+    """Average (received/s, uplinked/s) over the newest ``minutes`` of samples."""
+    window = rates[-(minutes * 60 // RATE_STEP):]
+    if not window:
+        return None
+    return sum(r for r, _ in window) / len(window), sum(u for _, u in window) / len(window)
+
+
+def _fields(s: Snapshot, failures: list[str],
+            rates: list[tuple[float, float]]) -> dict[str, str]:
+    """Element id -> text, exactly as the page's script computes it from /status.json."""
+    out = {
+        "verdict": "OK" if not failures else "ATTENTION",
+        "uplink-type": s.uplink_type,
+        "uplink-state": STATE_TEXT.get(s.uplink_state, s.uplink_state),
+        "last-ack": "never" if s.last_ack_at is None
+        else fmt_age(max(0.0, s.taken_at - s.last_ack_at)) + " ago",
+        "broker": "connected" if s.ingress_connected else "NOT connected",
+        "depth": str(s.depth),
+        "in-flight": str(s.in_flight),
+        "oldest": fmt_age(s.oldest_age_seconds),
+        "dead-letters": str(s.dead_letter),
+        "store-file": f"{s.store_file_bytes / 1e6:.1f} MB",
+        "received": str(s.counters.get("ingress_received", 0)),
+        "uplinked": str(s.counters.get("uplinked", 0)),
+        "dropped": ", ".join(f"{k}: {v}" for k, v in sorted(s.dropped.items())) or "none",
+        "uptime": fmt_age(max(0.0, s.taken_at - s.started_at)),
+    }
+    for minutes in (1, 5):
+        mean = mean_rates(rates, minutes)
+        out[f"recv-{minutes}"] = "—" if mean is None else f"{mean[0]:.1f}/s"
+        out[f"upl-{minutes}"] = "—" if mean is None else f"{mean[1]:.1f}/s"
+    return out
+
+
+def render_chart(rates: list[tuple[float, float]]) -> str:
+    """An SVG line chart of received (blue) and uplinked (green) messages per second."""
+    w, h, pad = 640, 140, 18
+    if not rates:
+        return (f'<svg viewBox="0 0 {w} {h}"><text x="{w // 2}" y="{h // 2}" '
+                f'text-anchor="middle">collecting: the first figures after {RATE_STEP} s</text></svg>')
+    points = rates if len(rates) > 1 else rates * 2
+    top = max(max(r, u) for r, u in points) or 1.0
+    step = (w - 2 * pad) / (len(points) - 1)
+
+    def line(index: int, css: str) -> str:
+        xy = " ".join(f"{pad + i * step:.1f},{h - pad - v[index] / top * (h - 2 * pad):.1f}"
+                      for i, v in enumerate(points))
+        return f'<polyline class="{css}" points="{xy}"/>'
+
+    span = max(1, math.ceil(len(rates) * RATE_STEP / 60))
+    return (f'<svg viewBox="0 0 {w} {h}"><line class="axis" x1="{pad}" y1="{h - pad}" '
+            f'x2="{w - pad}" y2="{h - pad}"/>{line(0, "recv")}{line(1, "upl")}'
+            f'<text x="{pad}" y="12">{top:.1f}/s</text>'
+            f'<text x="{pad}" y="{h - 3}">{span} min ago</text>'
+            f'<text x="{w - pad}" y="{h - 3}" text-anchor="end">now</text></svg>')
+
+
+_STYLE = """
+body{font:16px/1.4 system-ui,sans-serif;margin:0;background:#f4f5f7;color:#1f2328}
+header{padding:.7em 1.2em;color:#fff;background:#1a7f37}header.down{background:#cf222e}
+h1{font-size:1.3em;margin:0}main{padding:1em 1.2em;max-width:62em}
+.grid{display:grid;grid-template-columns:repeat(3,1fr);gap:1em}.wide{grid-column:span 2}
+@media(max-width:40em){.grid{grid-template-columns:1fr}.wide{grid-column:auto}}
+section{background:#fff;border:1px solid #d0d7de;border-radius:6px;padding:.8em 1em}
+h2{font-size:.8em;text-transform:uppercase;letter-spacing:.05em;color:#57606a;margin:0 0 .3em}
+.big{font-size:1.7em;font-weight:600}.ok{color:#1a7f37}.warn{color:#9a6700}.bad{color:#cf222e}
+table{border-collapse:collapse}th{text-align:left;font-weight:normal;color:#57606a;padding-right:1em}
+#problems{color:#cf222e;font-weight:600;margin:0 0 1em}#problems:empty{display:none}
+svg{width:100%;height:auto;display:block}svg text{font-size:11px;fill:#57606a}
+polyline{fill:none;stroke-width:2}.recv{stroke:#0969da}.upl{stroke:#1a7f37}.axis{stroke:#d0d7de}
+.key-recv{color:#0969da}.key-upl{color:#1a7f37}footer{color:#57606a;font-size:.85em;margin-top:1em}
+"""
+
+# Mirrors fmt_age, mean_rates, _fields and render_chart above: keep them in step (the
+# integration test compares the rendered DOM with /status.json).
+_SCRIPT = """
+const STEP=%(step)d,TEXT=%(text)s,CLS=%(cls)s;
+function age(s){if(s==null)return"\\u2014";if(s<60)return s.toFixed(1)+" s";
+if(s<3600)return Math.floor(s/60)+" min "+Math.floor(s%%60)+" s";
+if(s<86400)return Math.floor(s/3600)+" h "+Math.floor(s%%3600/60)+" min";
+return Math.floor(s/86400)+" d "+Math.floor(s%%86400/3600)+" h"}
+function mean(r,m){const w=r.slice(-(m*60/STEP));if(!w.length)return null;
+let a=0,b=0;for(const x of w){a+=x[0];b+=x[1]}return[a/w.length,b/w.length]}
+function chart(r){const w=640,h=140,p=18;
+if(!r.length)return'<svg viewBox="0 0 '+w+' '+h+'"><text x="'+w/2+'" y="'+h/2+
+'" text-anchor="middle">collecting: the first figures after '+STEP+' s</text></svg>';
+const pts=r.length>1?r:r.concat(r);let top=0;for(const x of pts)top=Math.max(top,x[0],x[1]);
+top=top||1;const st=(w-2*p)/(pts.length-1);
+const line=(i,c)=>'<polyline class="'+c+'" points="'+pts.map((v,k)=>(p+k*st).toFixed(1)+","+
+(h-p-v[i]/top*(h-2*p)).toFixed(1)).join(" ")+'"/>';
+const span=Math.max(1,Math.ceil(r.length*STEP/60));
+return'<svg viewBox="0 0 '+w+' '+h+'"><line class="axis" x1="'+p+'" y1="'+(h-p)+'" x2="'+
+(w-p)+'" y2="'+(h-p)+'"/>'+line(0,"recv")+line(1,"upl")+'<text x="'+p+'" y="12">'+
+top.toFixed(1)+'/s</text><text x="'+p+'" y="'+(h-3)+'">'+span+
+' min ago</text><text x="'+(w-p)+'" y="'+(h-3)+'" text-anchor="end">now</text></svg>'}
+function show(d){const s=d.snapshot,c=s.counters,f={
+verdict:d.ready?"OK":"ATTENTION","uplink-type":s.uplink_type,
+"uplink-state":TEXT[s.uplink_state]||s.uplink_state,
+"last-ack":s.last_ack_at==null?"never":age(Math.max(0,s.taken_at-s.last_ack_at))+" ago",
+broker:s.ingress_connected?"connected":"NOT connected",depth:String(s.depth),
+"in-flight":String(s.in_flight),oldest:age(s.oldest_age_seconds),
+"dead-letters":String(s.dead_letter),"store-file":(s.store_file_bytes/1e6).toFixed(1)+" MB",
+received:String(c.ingress_received||0),uplinked:String(c.uplinked||0),
+dropped:Object.keys(s.dropped).sort().map(k=>k+": "+s.dropped[k]).join(", ")||"none",
+uptime:age(Math.max(0,s.taken_at-s.started_at))};
+for(const m of[1,5]){const x=mean(d.rates,m);f["recv-"+m]=x?x[0].toFixed(1)+"/s":"\\u2014";
+f["upl-"+m]=x?x[1].toFixed(1)+"/s":"\\u2014"}
+for(const k in f)document.getElementById(k).textContent=f[k];
+document.getElementById("uplink-state").className="big "+(CLS[s.uplink_state]||"warn");
+document.getElementById("broker").className="big "+(s.ingress_connected?"ok":"bad");
+document.querySelector("header").className=d.ready?"":"down";
+document.title="OpenHQM gateway \\u2014 "+f.verdict;
+const ul=document.getElementById("problems");ul.textContent="";
+for(const t of d.failures){const li=document.createElement("li");li.textContent=t;ul.append(li)}
+document.getElementById("chart").innerHTML=chart(d.rates);
+document.getElementById("updated").textContent="live, updated "+
+new Date(s.taken_at*1000).toLocaleTimeString()}
+async function poll(){try{const r=await fetch("/status.json",{cache:"no-store"});
+if(!r.ok)throw new Error("HTTP "+r.status);show(await r.json())}
+catch(e){document.getElementById("updated").textContent="gateway not answering ("+e.message+
+"), retrying"}}
+poll();setInterval(poll,5000);
+"""
+
+
 def render_page(s: Snapshot, failures: list[str], rates: list[tuple[float, float]]) -> str:
-    age = "—" if s.oldest_age_seconds is None else f"{s.oldest_age_seconds:.1f} s"
-    verdict = "OK" if not failures else "ATTENTION"
-    rows = [
-        ("Broker (ingress)", "connected" if s.ingress_connected else "NOT connected"),
-        (f"Uplink ({html.escape(s.uplink_type)})", html.escape(s.uplink_state)),
-        ("Buffered messages", f"{s.depth} ({s.in_flight} in flight)"),
-        ("Oldest buffered", age),
-        ("Dead letters", str(s.dead_letter)),
-        ("Store file", f"{s.store_file_bytes / 1e6:.1f} MB"),
-        ("Received / uplinked", f"{s.counters.get('ingress_received', 0)} / "
-                                f"{s.counters.get('uplinked', 0)}"),
-        ("Dropped", ", ".join(f"{k}: {v}" for k, v in sorted(s.dropped.items())) or "none"),
-    ]
-    table = "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in rows)
-    problems = "".join(f"<li>{html.escape(f)}</li>" for f in failures)
-    return f"""<!doctype html><html><head><meta charset="utf-8"><meta http-equiv="refresh" content="5">
-<title>OpenHQM gateway — {verdict}</title><style>
-body{{font-family:sans-serif;margin:2em;max-width:46em}} th{{text-align:left;padding-right:2em}}
-td,th{{padding:.3em}} .ok{{color:#1a7f37}} .bad{{color:#cf222e}} svg{{border:1px solid #ccc}}
-</style></head><body>
-<h1>OpenHQM Edge Gateway — <span class="{'ok' if not failures else 'bad'}">{verdict}</span></h1>
-<ul class="bad">{problems}</ul><table>{table}</table>
-<h2>Messages per second, last {len(rates) * 10 // 60 or 1} min</h2>{_sparkline(rates)}
-<p><small>received (blue) and uplinked (green), 10 s steps; page refreshes every 5 s.
-<a href="/metrics">metrics</a> · <a href="/readyz">readyz</a></small></p></body></html>"""
-
-
-def _sparkline(rates: list[tuple[float, float]], width: int = 600, height: int = 120) -> str:
-    if len(rates) < 2:
-        return f'<svg width="{width}" height="{height}"><text x="10" y="60">collecting…</text></svg>'
-    top = max(max(r, u) for r, u in rates) or 1.0
-    step = width / (len(rates) - 1)
-
-    def line(index: int, color: str) -> str:
-        points = " ".join(f"{i * step:.1f},{height - 5 - (v[index] / top) * (height - 20):.1f}"
-                          for i, v in enumerate(rates))
-        return f'<polyline fill="none" stroke="{color}" stroke-width="2" points="{points}"/>'
-
-    return (f'<svg width="{width}" height="{height}">{line(0, "#0969da")}{line(1, "#1a7f37")}'
-            f'<text x="4" y="12" font-size="11">{top:.0f}/s</text></svg>')
+    f = {k: html.escape(v) for k, v in _fields(s, failures, rates).items()}
+    problems = "".join(f"<li>{html.escape(x)}</li>" for x in failures)
+    script = _SCRIPT % {"step": RATE_STEP, "text": orjson.dumps(STATE_TEXT).decode(),
+                        "cls": orjson.dumps(STATE_CLASS).decode()}
+    state_cls = STATE_CLASS.get(s.uplink_state, "warn")
+    return f"""<!doctype html><html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width,initial-scale=1">
+<noscript><meta http-equiv="refresh" content="5"></noscript>
+<title>OpenHQM gateway — {f["verdict"]}</title><style>{_STYLE}</style></head><body>
+<header class="{'' if not failures else 'down'}">
+<h1>OpenHQM Edge Gateway — <span id="verdict">{f["verdict"]}</span></h1></header>
+<main><ul id="problems">{problems}</ul><div class="grid">
+<section><h2>Uplink (<span id="uplink-type">{f["uplink-type"]}</span>)</h2>
+<div id="uplink-state" class="big {state_cls}">{f["uplink-state"]}</div>
+<div>last acknowledgement: <span id="last-ack">{f["last-ack"]}</span></div></section>
+<section><h2>Buffered messages</h2><div id="depth" class="big">{f["depth"]}</div>
+<div>oldest: <b id="oldest">{f["oldest"]}</b> ·
+in flight: <span id="in-flight">{f["in-flight"]}</span></div></section>
+<section><h2>Broker (ingress)</h2>
+<div id="broker" class="big {'ok' if s.ingress_connected else 'bad'}">{f["broker"]}</div>
+<div>up for <span id="uptime">{f["uptime"]}</span></div></section>
+<section class="wide"><h2>Messages per second</h2>
+<table><tr><th></th><th>last minute</th><th>last 5 minutes</th></tr>
+<tr><th class="key-recv">received</th><td id="recv-1">{f["recv-1"]}</td>
+<td id="recv-5">{f["recv-5"]}</td></tr>
+<tr><th class="key-upl">uplinked</th><td id="upl-1">{f["upl-1"]}</td>
+<td id="upl-5">{f["upl-5"]}</td></tr></table>
+<div id="chart">{render_chart(rates)}</div></section>
+<section><h2>Totals since start</h2><table>
+<tr><th>received</th><td id="received">{f["received"]}</td></tr>
+<tr><th>uplinked</th><td id="uplinked">{f["uplinked"]}</td></tr>
+<tr><th>dead letters</th><td id="dead-letters">{f["dead-letters"]}</td></tr>
+<tr><th>dropped</th><td id="dropped">{f["dropped"]}</td></tr>
+<tr><th>store file</th><td id="store-file">{f["store-file"]}</td></tr></table></section>
+</div>
+<footer><span id="updated">snapshot; without JavaScript the page reloads every 5 s</span> ·
+<a href="/status.json">status.json</a> ·
+<a href="/metrics">metrics</a> · <a href="/readyz">readyz</a></footer>
+</main><script>{script}</script></body></html>"""
 
 
 class ObservabilityServer:
@@ -200,7 +352,7 @@ class ObservabilityServer:
                 self.rates.append(((now[1] - previous[1]) / dt, (now[2] - previous[2]) / dt))
                 del self.rates[:-180]
             previous = now
-            await asyncio.sleep(10)
+            await asyncio.sleep(RATE_STEP)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
