@@ -146,6 +146,9 @@ class ObservabilityConfig:
 class LoggingConfig:
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["text", "json"] = "text"
+    #: journald's native protocol (fields survive): auto = when stdout is the journal
+    journald: Literal["auto", "on", "off"] = "auto"
+    journal_socket: str = "/run/systemd/journal/socket"
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,7 +23,6 @@ import asyncio
 import contextlib
 import html
 import logging
-import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -206,11 +205,12 @@ def render_chart(rates: list[tuple[float, float]]) -> str:
                       for i, v in enumerate(points))
         return f'<polyline class="{css}" points="{xy}"/>'
 
-    span = max(1, math.ceil(len(rates) * RATE_STEP / 60))
+    span = len(rates) * RATE_STEP
+    ago = f"{span} s ago" if span < 120 else f"{span // 60} min ago"
     return (f'<svg viewBox="0 0 {w} {h}"><line class="axis" x1="{pad}" y1="{h - pad}" '
-            f'x2="{w - pad}" y2="{h - pad}"/>{line(0, "recv")}{line(1, "upl")}'
+            f'x2="{w - pad}" y2="{h - pad}"/>{line(1, "upl")}{line(0, "recv")}'
             f'<text x="{pad}" y="12">{top:.1f}/s</text>'
-            f'<text x="{pad}" y="{h - 3}">{span} min ago</text>'
+            f'<text x="{pad}" y="{h - 3}">{ago}</text>'
             f'<text x="{w - pad}" y="{h - 3}" text-anchor="end">now</text></svg>')
 
 
@@ -226,7 +226,8 @@ h2{font-size:.8em;text-transform:uppercase;letter-spacing:.05em;color:#57606a;ma
 table{border-collapse:collapse}th{text-align:left;font-weight:normal;color:#57606a;padding-right:1em}
 #problems{color:#cf222e;font-weight:600;margin:0 0 1em}#problems:empty{display:none}
 svg{width:100%;height:auto;display:block}svg text{font-size:11px;fill:#57606a}
-polyline{fill:none;stroke-width:2}.recv{stroke:#0969da}.upl{stroke:#1a7f37}.axis{stroke:#d0d7de}
+polyline{fill:none;stroke-width:2}.recv{stroke:#0969da;stroke-dasharray:6 3}.upl{stroke:#1a7f37}
+.axis{stroke:#d0d7de}
 .key-recv{color:#0969da}.key-upl{color:#1a7f37}footer{color:#57606a;font-size:.85em;margin-top:1em}
 """
 
@@ -247,11 +248,11 @@ const pts=r.length>1?r:r.concat(r);let top=0;for(const x of pts)top=Math.max(top
 top=top||1;const st=(w-2*p)/(pts.length-1);
 const line=(i,c)=>'<polyline class="'+c+'" points="'+pts.map((v,k)=>(p+k*st).toFixed(1)+","+
 (h-p-v[i]/top*(h-2*p)).toFixed(1)).join(" ")+'"/>';
-const span=Math.max(1,Math.ceil(r.length*STEP/60));
+const span=r.length*STEP,ago=span<120?span+" s ago":Math.floor(span/60)+" min ago";
 return'<svg viewBox="0 0 '+w+' '+h+'"><line class="axis" x1="'+p+'" y1="'+(h-p)+'" x2="'+
-(w-p)+'" y2="'+(h-p)+'"/>'+line(0,"recv")+line(1,"upl")+'<text x="'+p+'" y="12">'+
-top.toFixed(1)+'/s</text><text x="'+p+'" y="'+(h-3)+'">'+span+
-' min ago</text><text x="'+(w-p)+'" y="'+(h-3)+'" text-anchor="end">now</text></svg>'}
+(w-p)+'" y2="'+(h-p)+'"/>'+line(1,"upl")+line(0,"recv")+'<text x="'+p+'" y="12">'+
+top.toFixed(1)+'/s</text><text x="'+p+'" y="'+(h-3)+'">'+ago+
+'</text><text x="'+(w-p)+'" y="'+(h-3)+'" text-anchor="end">now</text></svg>'}
 function show(d){const s=d.snapshot,c=s.counters,f={
 verdict:d.ready?"OK":"ATTENTION","uplink-type":s.uplink_type,
 "uplink-state":TEXT[s.uplink_state]||s.uplink_state,
