@@ -1,0 +1,174 @@
+"""The Debian package: built with packaging/build-deb.sh, its contents checked with dpkg-deb, and
+the arm64 build installed into a fresh Debian arm64 root under qemu-user emulation
+(packaging/check-arm64.sh), where ``--version`` and ``config check`` must run.
+
+Both build from PyPI (the target's wheels). The arm64 check needs root (debootstrap, chroot,
+mounts) and binfmt_misc: without them it skips locally and fails when CI=true.
+"""
+
+from __future__ import annotations
+
+import configparser
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+import gateway
+from tests.servers import IN_CI, require_binary
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+NAME = "openhqm-gateway"
+DEB_VERSION = f"{gateway.__version__}-1"
+UNIT_PATH = "./lib/systemd/system/openhqm-gateway.service"
+
+
+def _skip_or_fail(message: str) -> None:
+    if IN_CI:
+        pytest.fail(f"CI must run the package checks: {message}")
+    pytest.skip(message)
+
+
+def _build(arch: str, out: Path, extras: str = "redis") -> tuple[Path, float]:
+    require_binary("dpkg-deb", "apt-get install dpkg")
+    env = {**os.environ, "OPENHQM_DIST": str(out), "PYTHON": sys.executable}
+    start = time.monotonic()
+    done = subprocess.run(["bash", "packaging/build-deb.sh", arch, extras], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    deb = out / f"{NAME}_{DEB_VERSION}_{arch}.deb"
+    assert deb.is_file(), done.stdout
+    return deb, time.monotonic() - start
+
+
+def _dpkg_deb(*args: str) -> str:
+    return subprocess.run(["dpkg-deb", *args], capture_output=True, text=True, check=True,
+                          timeout=60).stdout
+
+
+def _fields(deb: Path) -> dict[str, str]:
+    fields: dict[str, str] = {}
+    for line in _dpkg_deb("-f", str(deb)).splitlines():
+        if line and not line[0].isspace():
+            key, _, value = line.partition(":")
+            fields[key] = value.strip()
+    return fields
+
+
+def test_amd64_package_contents(tmp_path: Path) -> None:
+    deb, seconds = _build("amd64", tmp_path / "dist")
+    print(f"amd64 package built in {seconds:.1f}s")
+
+    fields = _fields(deb)
+    assert fields["Package"] == NAME
+    assert fields["Version"] == DEB_VERSION
+    assert fields["Architecture"] == "amd64"
+    depends = [d.strip() for d in fields["Depends"].split(",")]
+    # The wheels are CPython 3.11 builds: the package says so instead of failing in postinst.
+    assert depends == ["python3 (>= 3.11)", "python3 (<< 3.12)", "python3-venv", "adduser"]
+    assert "extras: redis" in _dpkg_deb("-I", str(deb))
+
+    listing = _dpkg_deb("-c", str(deb)).splitlines()
+    entries = {line.split()[5]: line for line in listing}
+    assert all(line.split()[1] == "root/root" for line in listing)
+    for path in (UNIT_PATH, "./etc/openhqm-gateway/gateway.yaml",
+                 "./usr/lib/openhqm-gateway/requirement.txt",
+                 "./usr/share/doc/openhqm-gateway/README.md",  # the unit's Documentation=
+                 "./usr/share/doc/openhqm-gateway/copyright"):
+        assert path in entries, path
+    assert entries["./etc/openhqm-gateway/credentials/"].startswith("drwx------")
+    link = next(line for line in listing if line.split()[5] == "./usr/bin/openhqm-gateway")
+    assert link.endswith("-> /opt/openhqm-gateway/bin/openhqm-gateway")
+
+    wheels = sorted(Path(p).name for p in entries if p.startswith("./usr/lib/openhqm-gateway/wheels/")
+                    and p.endswith(".whl"))
+    names = {re.split(r"-\d", w, maxsplit=1)[0].lower() for w in wheels}
+    # async-timeout: redis needs it below Python 3.11.3, and Debian 12 ships 3.11.2.
+    assert {"openhqm_gateway", "orjson", "pyyaml", "redis", "async_timeout"} <= names, wheels
+    assert not any("aarch64" in w for w in wheels), wheels
+    assert all(w.endswith("-none-any.whl") or ("cp311" in w and "x86_64" in w) for w in wheels)
+
+    extracted = tmp_path / "root"
+    subprocess.run(["dpkg-deb", "-x", str(deb), str(extracted)], check=True, timeout=60)
+    control = tmp_path / "control"
+    subprocess.run(["dpkg-deb", "-e", str(deb), str(control)], check=True, timeout=60)
+    assert (control / "conffiles").read_text().split() == ["/etc/openhqm-gateway/gateway.yaml"]
+    for script in ("postinst", "prerm", "postrm"):
+        assert os.access(control / script, os.X_OK)
+        subprocess.run(["sh", "-n", str(control / script)], check=True, timeout=10)
+    assert (extracted / "usr/lib/openhqm-gateway/requirement.txt").read_text().strip() == \
+        f"{NAME}[redis]=={gateway.__version__}"
+
+    # The unit, the sample config and the package agree on paths and the user.
+    unit_text = (extracted / UNIT_PATH).read_text()
+    assert unit_text == (REPO / "systemd" / "openhqm-gateway.service").read_text()
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.read_string(unit_text)
+    service = unit["Service"]
+    assert service["ExecStart"].split()[0] == "/opt/openhqm-gateway/bin/openhqm-gateway"
+    assert "/etc/openhqm-gateway/gateway.yaml" in service["ExecStart"]
+    assert service["User"] == service["Group"] == NAME
+    assert service["StateDirectory"] == service["ConfigurationDirectory"] == NAME
+    sample = yaml.safe_load((extracted / "etc/openhqm-gateway/gateway.yaml").read_text())
+    assert sample["gateway"]["state_dir"] == f"/var/lib/{service['StateDirectory']}"
+    postinst = (control / "postinst").read_text()
+    assert f"NAME={NAME}" in postinst and "STATE=/var/lib/$NAME" in postinst
+    credential = re.search(r"^LoadCredential=[^:]+:(\S+)$", unit_text, re.MULTILINE)
+    assert credential is not None
+    assert credential.group(1) == "/etc/openhqm-gateway/credentials/mqtt-password"
+    assert "$CREDS/mqtt-password" in postinst  # the placeholder that lets the unit start
+    assert (extracted / "usr/share/openhqm-gateway/gateway.yaml.sample").read_bytes() == \
+        (REPO / "config" / "gateway.yaml").read_bytes()
+
+
+def test_build_rejects_bad_arguments(tmp_path: Path) -> None:
+    env = {**os.environ, "OPENHQM_DIST": str(tmp_path)}
+    for args in (["armhf"], ["arm64", "redis;rm -rf /"], []):
+        done = subprocess.run(["bash", "packaging/build-deb.sh", *args], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=30, check=False)
+        assert done.returncode == 2, (args, done.stderr)
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.timeout(1500)
+def test_arm64_package_installs_and_runs_under_emulation(tmp_path: Path) -> None:
+    """A fresh root costs a debootstrap (about 2-3 minutes here); the cached one about 1 minute."""
+    if os.geteuid() != 0:
+        _skip_or_fail("needs root (debootstrap, chroot, mount)")
+    if shutil.which("apt-get") is None:
+        _skip_or_fail("needs a Debian host (apt-get, debootstrap)")
+    deb, build_seconds = _build("arm64", tmp_path / "dist")
+    assert _fields(deb)["Architecture"] == "arm64"
+    start = time.monotonic()
+    proc = subprocess.Popen(["bash", "packaging/check-arm64.sh", str(deb)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=1400)
+    except subprocess.TimeoutExpired:
+        # The script unmounts on TERM; a KILL would leave /proc mounted in its root.
+        os.killpg(proc.pid, signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+        pytest.fail(f"check-arm64.sh timed out:\n{out[-4000:]}")
+    seconds = time.monotonic() - start
+    print(f"arm64 package built in {build_seconds:.1f}s, checked in {seconds:.1f}s")
+    print(out[-3000:])
+    if proc.returncode == 3:
+        _skip_or_fail(f"this machine cannot run arm64 binaries (binfmt_misc/qemu):\n{out[-2000:]}")
+    assert proc.returncode == 0, out[-6000:]
+    assert "uname -m in the root: aarch64" in out
+    assert re.search(r"python3: ELF 64-bit LSB .*ARM aarch64", out)
+    assert "ok: orjson extension is aarch64" in out
+    assert f"openhqm-gateway --version: openhqm-gateway {gateway.__version__}" in out
+    assert "# valid configuration from /etc/openhqm-gateway/gateway.yaml" in out
+    for check in ("config check as openhqm-gateway", "purge: state gone", "remove: state kept"):
+        assert f"ok: {check}" in out
