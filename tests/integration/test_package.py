@@ -16,13 +16,15 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
 import yaml
 
 import gateway
-from tests.servers import IN_CI, require_binary
+from tests.gateway_process import GatewayProcess, gateway_config
+from tests.servers import IN_CI, ServerProcess, free_port, require_binary
 
 pytestmark = pytest.mark.integration
 
@@ -172,3 +174,33 @@ def test_arm64_package_installs_and_runs_under_emulation(tmp_path: Path) -> None
     assert "# valid configuration from /etc/openhqm-gateway/gateway.yaml" in out
     for check in ("config check as openhqm-gateway", "purge: state gone", "remove: state kept"):
         assert f"ok: {check}" in out
+
+
+def _healthcheck(config: Path) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENHQM_")}
+    env.update(OPENHQM_CONFIG=str(config), PYTHONPATH=str(REPO))
+    return subprocess.run([sys.executable, str(REPO / "packaging" / "docker-healthcheck.py")],
+                          env=env, capture_output=True, text=True, timeout=30, check=False)
+
+
+def test_container_healthcheck_against_the_daemon(tmp_path: Path, mosquitto: ServerProcess,
+                                                  redis: ServerProcess) -> None:
+    """The image's HEALTHCHECK script finds /healthz from the config and tells up from down."""
+    port = free_port()
+    queue = {"type": "redis", "redis_url": f"redis://127.0.0.1:{redis.port}/0",
+             "request_queue_name": f"pkg-{uuid.uuid4().hex[:8]}"}
+    config = gateway_config(tmp_path, mosquitto.port, f"pkg/{uuid.uuid4().hex[:8]}", queue,
+                            observability={"listen": f"127.0.0.1:{port}"})
+    gw = GatewayProcess(config, tmp_path)
+    gw.start()
+    try:
+        up = _healthcheck(config)
+        assert up.returncode == 0, up.stdout + up.stderr
+        assert up.stdout.strip() == f"healthy: http://127.0.0.1:{port}/healthz"
+    finally:
+        assert gw.stop() == 0
+    down = _healthcheck(config)
+    assert down.returncode == 1 and down.stdout.startswith("unhealthy:"), down.stdout
+    config.write_text(config.read_text().replace(f"listen: 127.0.0.1:{port}", "listen: ''"))
+    off = _healthcheck(config)
+    assert off.returncode == 1 and "observability.listen is off" in off.stdout, off.stdout

@@ -1,0 +1,48 @@
+"""The container's HEALTHCHECK: GET /healthz on the gateway's observability endpoint.
+
+The address comes from the gateway's own configuration (file + OPENHQM_* environment), so a
+changed ``observability.listen`` is followed. Exit 0 when the endpoint answers 200, else 1.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import urllib.error
+import urllib.request
+
+from gateway.config import DEFAULT_CONFIG_PATH, ENV_CONFIG_PATH, load_config
+from gateway.errors import ConfigError
+
+
+def main() -> int:
+    path = os.environ.get(ENV_CONFIG_PATH) or DEFAULT_CONFIG_PATH
+    try:
+        listen = load_config(None if path == "none" else path).observability.listen
+    except ConfigError as exc:
+        print(f"unhealthy: invalid configuration: {exc}")
+        return 1
+    if not listen:
+        print("unhealthy: observability.listen is off, so /healthz cannot be checked")
+        return 1
+    host, _, port = listen.rpartition(":")
+    host = host.strip("[]")
+    if host in ("0.0.0.0", ""):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    if ":" in host:
+        host = f"[{host}]"
+    url = f"http://{host}:{port}/healthz"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            ok = resp.status == 200
+    except (OSError, urllib.error.URLError) as exc:
+        print(f"unhealthy: {url}: {exc}")
+        return 1
+    print(f"{'healthy' if ok else 'unhealthy'}: {url}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
