@@ -1,0 +1,382 @@
+"""``type: azure_eventhubs``: Azure Event Hubs through azure-eventhub (async, pure-Python AMQP).
+
+How MessageQueueInterface maps onto Event Hubs (queue name = hub name; the gateway's
+``request_queue_name`` maps to ``azure_eventhubs_name``):
+
+- publish/publish_batch: ``publisher``. One long-lived EventHubProducerClient per hub.
+- consume: ``receiver`` reads every partition of the hub as ``azure_eventhubs_consumer_group``.
+  An event stays in flight until acknowledge or reject. acknowledge = checkpoint: a
+  partition's checkpoint (``checkpoints``, a file in gateway.state_dir) moves only up to
+  the event before its lowest one still in flight, so a restart redelivers every event not
+  settled (at-least-once) and out-of-order acknowledgements never skip one.
+- reject(requeue=True) sends a copy to the end of the hub (same partition key, properties,
+  ``openhqm_retry_count`` + 1) and settles the original; reject(requeue=False) sends it to
+  the hub ``azure_eventhubs_dlq_name`` (``openhqm_dlq_reason``, ``openhqm_dlq_source``) or,
+  without one, appends it to the local dead-letter file, then settles the original.
+- get_queue_depth = per partition, last enqueued sequence number - checkpoint (events
+  handed out but not settled are still backlog).
+- create/delete/purge: NotSupportedError (hubs are managed in Azure). No delayed delivery
+  and no priorities (a non-zero priority travels as the property ``openhqm_priority``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Self
+
+from azure.eventhub import EventData
+from azure.eventhub.aio import EventHubProducerClient
+
+from gateway.config import Config
+from gateway.errors import MessageRejected, NotSupportedError, QueueError, UplinkUnavailable
+from gateway.message import ATTR_MESSAGE_ID, Body, QueueMessage, encode_body, new_message_id
+from gateway.queue.interface import Handler, MessageQueueInterface, PublishResult
+from gateway.uplinks.eventhubs.checkpoints import (
+    CheckpointFile,
+    PartitionState,
+    append_dead_letter,
+)
+from gateway.uplinks.eventhubs.clients import ClientFactory, entity_path, load_credential, namespace_of
+from gateway.uplinks.eventhubs.errors import BACKEND, translate
+from gateway.uplinks.eventhubs.publisher import Publisher, make_event
+from gateway.uplinks.eventhubs.receiver import Receiver
+from gateway.uplinks.eventhubs.settings import EventHubsSettings, check_settings
+from gateway.uplinks.kafka.keys import KeyTemplate
+
+log = logging.getLogger("gateway.uplinks.eventhubs")
+
+PROP_RETRY_COUNT = "openhqm_retry_count"
+PROP_LAST_ERROR = "openhqm_last_error"
+PROP_PRIORITY = "openhqm_priority"
+PROP_DLQ_REASON = "openhqm_dlq_reason"
+PROP_DLQ_SOURCE = "openhqm_dlq_source"
+_REWRITTEN = {ATTR_MESSAGE_ID, PROP_RETRY_COUNT, PROP_LAST_ERROR}
+_WHY = "Event Hubs are managed in Azure, not by clients"
+
+
+@dataclass(eq=False)
+class _Hub:
+    name: str
+    file: CheckpointFile
+    partitions: dict[str, PartitionState] = field(default_factory=dict)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    def partition(self, partition_id: str) -> PartitionState:
+        state = self.partitions.get(partition_id)
+        if state is None:
+            state = self.partitions[partition_id] = PartitionState.from_checkpoint(
+                self.file.checkpoints.get(partition_id))
+        return state
+
+
+@dataclass(eq=False, slots=True)
+class _InFlight:
+    hub: _Hub
+    partition_id: str
+    sequence_number: int
+    partition_key: str | None
+    message: QueueMessage
+
+
+class EventHubsQueue(MessageQueueInterface):
+    backend_name = BACKEND
+
+    def __init__(self, settings: EventHubsSettings, *, state_dir: str,
+                 request_queue_name: str = "openhqm-requests") -> None:
+        check_settings(settings)
+        self.settings = settings
+        self.state_dir = state_dir
+        self.request_queue_name = request_queue_name
+        self.default_hub = (settings.azure_eventhubs_name or entity_path(settings)
+                            or request_queue_name)
+        self.namespace = namespace_of(settings)
+        self.key = KeyTemplate.parse(settings.azure_eventhubs_partition_key,
+                                     "queue.azure_eventhubs_partition_key")
+        self.clients = ClientFactory(settings, load_credential(settings))
+        self.publisher = Publisher(self.key, send_timeout=settings.azure_eventhubs_send_timeout)
+        self._connected = False
+        self._producers: dict[str, EventHubProducerClient] = {}
+        self._hubs: dict[str, _Hub] = {}
+        self._in_flight: dict[str, list[_InFlight]] = {}
+        self._receivers: set[Receiver] = set()
+
+    @classmethod
+    def from_config(cls, config: Config) -> Self:
+        settings: EventHubsSettings = config.queue.settings
+        return cls(settings, state_dir=config.gateway.state_dir,
+                   request_queue_name=config.queue.request_queue_name)
+
+    def hub_for(self, queue_name: str) -> str:
+        return self.default_hub if queue_name == self.request_queue_name else queue_name
+
+    # -- connections --------------------------------------------------------------------
+
+    async def connect(self) -> None:
+        if self._connected:
+            return
+        self._connected = True
+        try:
+            await self._management(self.default_hub, "get_eventhub_properties")
+        except BaseException:
+            await self.disconnect()
+            raise
+
+    async def disconnect(self) -> None:
+        self._connected = False
+        receivers, self._receivers = list(self._receivers), set()
+        for receiver in receivers:
+            await receiver.close(self.settings.azure_eventhubs_request_timeout)
+        self._in_flight.clear()
+        producers, self._producers = list(self._producers.values()), {}
+        for producer in producers:
+            try:
+                async with asyncio.timeout(self.settings.azure_eventhubs_request_timeout):
+                    await producer.close()
+            except Exception as exc:
+                log.debug("eventhubs: closing a producer: %s", exc)
+
+    def _producer(self, hub: str) -> EventHubProducerClient:
+        if not self._connected:
+            raise UplinkUnavailable("not connected", backend=BACKEND)
+        producer = self._producers.get(hub)
+        if producer is None:
+            producer = self._producers[hub] = self.clients.producer(hub)
+        return producer
+
+    async def _management(self, hub: str, call: str, *args: Any) -> Any:
+        producer = self._producer(hub)
+        try:
+            async with asyncio.timeout(self.settings.azure_eventhubs_request_timeout):
+                return await getattr(producer, call)(*args)
+        except Exception as exc:
+            raise translate(exc, f"{call} {hub}") from exc
+
+    async def health_check(self) -> bool:
+        if not self._connected:
+            return False
+        try:
+            await self._management(self.default_hub, "get_eventhub_properties")
+        except QueueError as exc:
+            log.debug("eventhubs health check failed: %s", exc)
+            return False
+        return True
+
+    # -- publishing ---------------------------------------------------------------------
+
+    async def publish(self, queue_name: str, message: Body, priority: int = 0,
+                      attributes: dict[str, str] | None = None, delay_seconds: float = 0, *,
+                      message_id: str | None = None) -> str:
+        if delay_seconds > 0:
+            raise NotSupportedError(BACKEND, "delay_seconds", "Event Hubs has no delayed delivery")
+        attrs = dict(attributes or {})
+        if priority:
+            attrs[PROP_PRIORITY] = str(priority)
+        msg = QueueMessage(message_id or new_message_id(), encode_body(message), attrs)
+        (result,) = await self.publish_batch(queue_name, [msg])
+        if result.error is not None:
+            raise result.error
+        return msg.id
+
+    async def publish_batch(self, queue_name: str,
+                            messages: Sequence[QueueMessage]) -> list[PublishResult]:
+        if not messages:
+            return []
+        hub = self.hub_for(queue_name)
+        try:
+            producer = self._producer(hub)
+        except QueueError as exc:
+            return [PublishResult(m.id, exc) for m in messages]
+        return await self.publisher.publish_batch(producer, hub, messages)
+
+    async def _send_copy(self, hub: str, partition_key: str | None, body: bytes,
+                         properties: dict[str, str], message_id: str) -> None:
+        producer = self._producer(hub)
+        try:
+            async with asyncio.timeout(self.settings.azure_eventhubs_send_timeout):
+                batch = await producer.create_batch(partition_key=partition_key)
+                try:
+                    batch.add(make_event(body, properties, message_id))
+                except ValueError:
+                    raise MessageRejected(f"the event is larger than the hub {hub!r} accepts",
+                                          backend=BACKEND) from None
+                await producer.send_batch(batch)
+        except Exception as exc:
+            raise translate(exc, f"send a copy to {hub}") from exc
+
+    # -- consuming ----------------------------------------------------------------------
+
+    async def _hub(self, hub: str) -> _Hub:
+        state = self._hubs.get(hub)
+        if state is None:
+            file = CheckpointFile.for_hub(self.state_dir, self.namespace, hub,
+                                          self.settings.azure_eventhubs_consumer_group)
+            await asyncio.to_thread(file.load)
+            state = self._hubs.setdefault(hub, _Hub(hub, file))
+        return state
+
+    async def consume(self, queue_name: str, handler: Handler, batch_size: int = 10,
+                      wait_time_seconds: float = 1.0) -> None:
+        name = self.hub_for(queue_name)
+        partition_ids: list[str] = await self._management(name, "get_partition_ids")
+        hub = await self._hub(name)
+        starts = {pid: hub.partition(pid).start() for pid in partition_ids}
+        receiver = Receiver(self.clients.consumer(name), name, starts, batch_size=batch_size,
+                            prefetch=self.settings.azure_eventhubs_prefetch)
+        self._receivers.add(receiver)
+        receiver.start()
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout(max(wait_time_seconds, 0.05)):
+                        partition_id, events = await receiver.batches.get()
+                except TimeoutError:
+                    died = receiver.failed()
+                    if died is not None:
+                        raise translate(died, f"receive from {name}") from died
+                    if not self._connected:
+                        raise UplinkUnavailable("not connected", backend=BACKEND) from None
+                    continue
+                for event in events:
+                    msg = self._track(hub, partition_id, event)
+                    if msg is not None:
+                        await self._handle(handler, msg)
+        finally:
+            self._receivers.discard(receiver)
+            await receiver.close(self.settings.azure_eventhubs_request_timeout)
+
+    async def _handle(self, handler: Handler, msg: QueueMessage) -> None:
+        try:
+            await handler(msg)
+        except Exception as exc:
+            log.warning("eventhubs: handler failed for %s: %s; requeueing", msg.id, exc)
+            await self.reject(msg.id, requeue=True,
+                              reason=f"handler raised {type(exc).__name__}: {exc}")
+
+    def _track(self, hub: _Hub, partition_id: str, event: EventData) -> QueueMessage | None:
+        sequence = event.sequence_number
+        state = hub.partition(partition_id)
+        start = state.start()
+        if sequence is None or (start is not None and sequence < start):
+            return None  # handed out before (the SDK re-read after an error)
+        attrs = {_text(k): _text(v) for k, v in (event.properties or {}).items()}
+        retries = attrs.pop(PROP_RETRY_COUNT, "0")
+        attrs.pop(PROP_LAST_ERROR, None)
+        msg_id = attrs.pop(ATTR_MESSAGE_ID, "") or f"{hub.name}-{partition_id}-{sequence}"
+        enqueued = event.enqueued_time
+        msg = QueueMessage(msg_id, _body(event), attrs,
+                           enqueued.timestamp() if isinstance(enqueued, datetime) else 0.0,
+                           int(retries) if retries.isdigit() else 0, event)
+        state.delivered(sequence, str(event.offset or ""))
+        key = event.partition_key
+        self._in_flight.setdefault(msg_id, []).append(_InFlight(
+            hub, partition_id, sequence, _text(key) if key is not None else None, msg))
+        return msg
+
+    def _take(self, message_id: str) -> _InFlight | None:
+        entries = self._in_flight.get(message_id)
+        if not entries:
+            return None
+        entry = entries.pop(0)
+        if not entries:
+            del self._in_flight[message_id]
+        return entry
+
+    async def acknowledge(self, message_id: str) -> bool:
+        entry = self._take(message_id)
+        if entry is None:
+            return False
+        await self._settle(entry)
+        return True
+
+    async def reject(self, message_id: str, requeue: bool = True, reason: str = "") -> bool:
+        entry = self._take(message_id)
+        if entry is None:
+            return False
+        try:
+            await self._move(entry, requeue, reason)
+        except BaseException:
+            self._in_flight.setdefault(message_id, []).insert(0, entry)  # still ours
+            raise
+        await self._settle(entry)
+        return True
+
+    async def _move(self, entry: _InFlight, requeue: bool, reason: str) -> None:
+        msg = entry.message
+        props = {k: v for k, v in msg.attributes.items() if k not in _REWRITTEN}
+        props[ATTR_MESSAGE_ID] = msg.id
+        if requeue:
+            props[PROP_RETRY_COUNT] = str(msg.retry_count + 1)
+            if reason:
+                props[PROP_LAST_ERROR] = reason
+            await self._send_copy(entry.hub.name, entry.partition_key, msg.body, props, msg.id)
+            return
+        source = f"{entry.hub.name}/{entry.partition_id}/{entry.sequence_number}"
+        props[PROP_RETRY_COUNT] = str(msg.retry_count)
+        props[PROP_DLQ_REASON] = reason
+        props[PROP_DLQ_SOURCE] = source
+        dlq = self.settings.azure_eventhubs_dlq_name
+        if dlq:
+            await self._send_copy(dlq, entry.partition_key, msg.body, props, msg.id)
+            return
+        record = {"message_id": msg.id, "hub": entry.hub.name, "namespace": self.namespace,
+                  "partition_id": entry.partition_id, "sequence_number": entry.sequence_number,
+                  "reason": reason, "properties": props}
+        await asyncio.to_thread(append_dead_letter, self.state_dir, record, msg.body)
+
+    async def _settle(self, entry: _InFlight) -> None:
+        state = entry.hub.partition(entry.partition_id)
+        state.settle(entry.sequence_number)
+        async with entry.hub.lock:
+            checkpoint = state.pending()
+            if checkpoint is None:
+                return
+            await asyncio.to_thread(entry.hub.file.save, entry.partition_id, checkpoint)
+            state.checkpointed(checkpoint)
+
+    # -- depth and administration -------------------------------------------------------
+
+    async def get_queue_depth(self, queue_name: str) -> int:
+        name = self.hub_for(queue_name)
+        partition_ids: list[str] = await self._management(name, "get_partition_ids")
+        hub = await self._hub(name)
+        depth = 0
+        for pid in partition_ids:
+            props = await self._management(name, "get_partition_properties", pid)
+            if props.get("is_empty"):
+                continue
+            last = int(props["last_enqueued_sequence_number"])
+            begin = int(props["beginning_sequence_number"])
+            done = hub.partition(pid).offsets.committed
+            depth += max(0, last + 1 - max(begin, done))
+        return depth
+
+    async def create_queue(self, queue_name: str, **kwargs: Any) -> bool:
+        raise NotSupportedError(BACKEND, "create_queue", _WHY)
+
+    async def delete_queue(self, queue_name: str) -> bool:
+        raise NotSupportedError(BACKEND, "delete_queue", _WHY)
+
+    async def purge_queue(self, queue_name: str) -> int:
+        raise NotSupportedError(BACKEND, "purge_queue", _WHY)
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value).decode("utf-8", "replace")
+    return str(value)
+
+
+def _body(event: EventData) -> bytes:
+    body = event.body
+    if isinstance(body, bytes):
+        return body
+    if isinstance(body, str):
+        return body.encode("utf-8")
+    try:
+        return b"".join(bytes(part) for part in body)
+    except TypeError:
+        return encode_body(str(body))
