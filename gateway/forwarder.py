@@ -5,7 +5,9 @@ Promises:
 - A message leaves the store only when the uplink accepted it (PublishResult.ok), when the
   uplink refused it for good (dead-lettered with the reason), or when it ran out of
   attempts (dead-lettered). An unreachable uplink never costs a message an attempt: the
-  batch is released and the forwarder backs off with full jitter, however long the outage.
+  batch is released and the forwarder backs off with full jitter, however long the outage;
+  it leases again only after the uplink's health check passes, so an outage of hours does
+  not rewrite a batch of rows on every backoff round.
 - One batch is on the wire at a time (the next is leased meanwhile, and published only if
   the one before needed no retry), so per-topic order (the store's invariant 3) carries
   through to the uplink. Messages are grouped by destination (``forwarder.routes`` first
@@ -26,7 +28,13 @@ from dataclasses import dataclass, field
 
 from gateway.aio import wait_event
 from gateway.config import Config
-from gateway.errors import QueueError, RetryableError, StoreError, UplinkUnavailable
+from gateway.errors import (
+    NotSupportedError,
+    QueueError,
+    RetryableError,
+    StoreError,
+    UplinkUnavailable,
+)
 from gateway.queue.interface import MessageQueueInterface, PublishResult
 from gateway.store.records import Settlement, StoredMessage
 from gateway.store.store import Store
@@ -71,6 +79,9 @@ class Forwarder:
         self._failures = 0  # consecutive whole-batch failures, for the backoff
         self._connected = False
         self._ever_connected = False
+        #: after an outage, a health check must pass before the next lease (no lease and
+        #: release of a whole batch per backoff round: that is SD card wear, not progress)
+        self._probe = False
         self._ahead: asyncio.Task[list[StoredMessage]] | None = None
         self._settling: asyncio.Future[None] | None = None
 
@@ -84,10 +95,14 @@ class Forwarder:
                 if not self._connected and not await self._connect():
                     await self._backoff()
                     continue
+                if self._probe and not await self._healthy():
+                    await self._backoff()
+                    continue
                 try:
                     sent = await self.drain_once()
                 except UplinkUnavailable as exc:
                     self._note_unavailable(exc)
+                    self._probe = True
                     await self._backoff()
                     continue
                 except StoreError as exc:
@@ -117,6 +132,21 @@ class Forwarder:
         self._failures = 0
         self.stats.state = "online"
         log.info("uplink %s connected", self.uplink.backend_name)
+        return True
+
+    async def _healthy(self) -> bool:
+        try:
+            ok = await asyncio.wait_for(self.uplink.health_check(), self.cfg.publish_timeout)
+        except NotSupportedError:  # cannot tell: the next batch is the probe
+            ok = True
+        except (QueueError, TimeoutError) as exc:
+            self._note_unavailable(exc)
+            return False
+        if not ok:
+            self._note_unavailable(UplinkUnavailable(
+                f"{self.uplink.backend_name} health check failed"))
+            return False
+        self._probe = False
         return True
 
     async def _store_trouble(self, exc: StoreError) -> None:

@@ -35,7 +35,11 @@ Invariants:
 4. A lease is a deadline. An expired lease makes the message ready again (and counts as an
    attempt); a lease far in the future (wall clock stepped back) is treated as expired.
 5. A full disk never wedges the store: an 8 MiB reserve file beside it is given back on
-   SQLITE_FULL so leases, deletes and checkpoints can still be written (``reserve``).
+   SQLITE_FULL so leases, deletes and checkpoints can still be written (``reserve``). The
+   WAL's committed, uncheckpointed content stays under the reserve (autocheckpoint at half
+   of it, one transaction at most a quarter), so a checkpoint always fits in what the
+   reserve gives back; appends are refused without writing for a second at a time after
+   SQLITE_FULL, so what was given back goes to the drain.
 6. Retention is store-wide on counted bytes and messages: when_full=drop_oldest deletes the
    oldest messages of any queue; reject_new refuses the newcomer. Both are counted.
 """
@@ -70,6 +74,8 @@ R = TypeVar("R")
 
 SCHEMA_VERSION = 1
 SQLITE_FULL = 13
+#: after a full disk refused an append, how long appends are refused without trying
+FULL_PROBE_SECONDS = 1.0
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages(
@@ -170,6 +176,11 @@ class StoreDb:
         self.dead_bytes = 0
         #: drops that could not be written (disk full); flushed with the next transaction
         self._unsaved: Counter[tuple[str, str]] = Counter()
+        #: monotonic time until which appends are refused without writing (disk full)
+        self._refuse_appends_until = 0.0
+        self.page_size = 1024
+        #: soft cap on what one transaction writes (payload bytes of an append, pages of a lease)
+        self.max_txn_bytes = 64 * 1024**2
         self.reserve = DiskReserve(path + ".reserve", 0 if readonly else RESERVE_BYTES)
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -196,6 +207,15 @@ class StoreDb:
         conn.execute("PRAGMA temp_store=MEMORY")
         if self.limits.max_page_count:
             conn.execute(f"PRAGMA max_page_count={int(self.limits.max_page_count)}")
+        # A checkpoint copies the WAL's new pages into the database file, so on a full disk it
+        # needs up to the WAL's committed size in free space: the autocheckpoint threshold
+        # plus one transaction. Both are kept small enough for the reserve to cover them.
+        self.page_size = int(conn.execute("PRAGMA page_size").fetchone()[0])
+        reserve = self.reserve.planned_size()
+        if reserve > 0:
+            wal_pages = max(64, min(1000, reserve // 2 // self.page_size))
+            conn.execute(f"PRAGMA wal_autocheckpoint={wal_pages}")
+            self.max_txn_bytes = max(64 * 1024, reserve // 4)
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
             raise sqlite3.DatabaseError(
@@ -240,8 +260,9 @@ class StoreDb:
         self._c.execute("BEGIN IMMEDIATE")
 
     def _commit(self) -> None:
-        self._flush_unsaved()
+        flushed = self._flush_unsaved()
         self._c.execute("COMMIT")
+        self._unsaved -= flushed  # only once written: a failed commit keeps them for the next
 
     def _rollback(self) -> None:
         with contextlib.suppress(sqlite3.Error):
@@ -263,16 +284,32 @@ class StoreDb:
                 "ON CONFLICT(queue, name) DO UPDATE SET value = value + excluded.value",
                 (queue, name, by))
 
-    def _flush_unsaved(self) -> None:
-        if self._unsaved:
-            pending, self._unsaved = self._unsaved, Counter()
-            for (queue, name), n in pending.items():
-                self._bump(queue, name, n)
+    def _flush_unsaved(self) -> Counter[tuple[str, str]]:
+        pending = Counter(self._unsaved)
+        for (queue, name), n in pending.items():
+            self._bump(queue, name, n)
+        return pending
+
+    def _save_counters(self) -> None:
+        """Write pending drop counters in their own small transaction, if there is room."""
+        if not self._unsaved:
+            return
+        try:
+            self._begin(durable=False)
+            self._commit()
+        except sqlite3.Error:
+            self._rollback()
 
     # -- append ------------------------------------------------------------------------
 
     def append(self, groups: Sequence[tuple[str, Sequence[NewMessage]]]) -> list[list[AppendOutcome]]:
-        """Store every group in one durable transaction; per-message outcomes."""
+        """Store every group in one durable transaction; per-message outcomes.
+
+        After SQLITE_FULL, appends are refused without touching the file for
+        ``FULL_PROBE_SECONDS`` at a time: what the disk reserve gave back is for the lease, the
+        delete and the checkpoint that drain the store, not for newcomers that cannot fit."""
+        if time.monotonic() < self._refuse_appends_until:
+            return self._refuse_all(groups)
         try:
             return self._append_once(groups)
         except sqlite3.Error as exc:
@@ -292,6 +329,12 @@ class StoreDb:
                 self._load_totals()
                 if not is_disk_full(exc):
                     raise
+        self._refuse_appends_until = time.monotonic() + FULL_PROBE_SECONDS
+        out = self._refuse_all(groups)
+        self._save_counters()
+        return out
+
+    def _refuse_all(self, groups: Sequence[tuple[str, Sequence[NewMessage]]]) -> list[list[AppendOutcome]]:
         return [[self._drop_unsaved(q, "disk_full") for _ in msgs] for q, msgs in groups]
 
     def _drop_unsaved(self, queue: str, reason: str) -> AppendOutcome:
@@ -493,6 +536,8 @@ class StoreDb:
     # -- delivery ----------------------------------------------------------------------
 
     def lease(self, queue: str, limit: int, lease_seconds: float, now: float) -> list[StoredMessage]:
+        # each leased row rewrites its leaf page (and its settlement about as much again)
+        limit = min(limit, max(8, self.max_txn_bytes // (2 * self.page_size)))
         return self._with_room(self._lease, queue, limit, lease_seconds, now)
 
     def settle(self, s: Settlement, now: float) -> None:
@@ -520,7 +565,7 @@ class StoreDb:
 
     def checkpoint(self) -> None:
         with contextlib.suppress(sqlite3.Error):
-            self._c.execute("PRAGMA wal_checkpoint(RESTART)")
+            self._c.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def _lease(self, queue: str, limit: int, lease_seconds: float, now: float) -> list[StoredMessage]:
         """Lease up to ``limit`` ready messages, in delivery order (invariant 3)."""
@@ -554,6 +599,8 @@ class StoreDb:
             # One statement for the whole batch: per-row DELETEs cost as much as the uplink.
             rows = c.execute("DELETE FROM messages WHERE seq IN (SELECT value FROM json_each(?)) "
                              "RETURNING queue, size", (orjson.dumps(s.delivered),)).fetchall()
+            if rows:
+                self._refuse_appends_until = 0.0  # the drain made room
             by_queue: Counter[str] = Counter()
             for queue, size in rows:
                 by_queue[queue] += 1

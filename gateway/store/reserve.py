@@ -7,9 +7,9 @@ SQLITE_FULL it deletes that file, checkpoints and retries, which leaves room to 
 delete messages. The reserve is taken again (on the retention timer) once the file system
 has twice its size free.
 
-Known gap: under ``when_full: reject_new`` the ingress's refused appends can use up the
-released reserve before the forwarder's lease gets it (tests/integration/test_faults_disk.py
-keeps that case as an expected failure).
+The released reserve is enough only if the WAL's committed content fits in it: the store
+sizes ``wal_autocheckpoint`` and its transactions from ``planned_size`` (see db.py,
+invariant 5), and refuses appends without writing for a while after SQLITE_FULL.
 """
 
 from __future__ import annotations
@@ -32,14 +32,24 @@ class DiskReserve:
     def held(self) -> bool:
         return os.path.exists(self.path)
 
+    def planned_size(self) -> int:
+        """The reserve's size on this file system: a tenth of a small one at most (a 64 MB
+        partition gets 6.4 MB)."""
+        if self.size <= 0:
+            return 0
+        try:
+            st = os.statvfs(os.path.dirname(os.path.abspath(self.path)))
+        except OSError:
+            return self.size
+        return min(self.size, st.f_blocks * st.f_frsize // 10)
+
     def ensure(self) -> bool:
         """Take the reserve when it is missing and the file system has room for it twice."""
         if self.size <= 0 or self.held():
             return self.held()
         try:
             st = os.statvfs(os.path.dirname(os.path.abspath(self.path)))
-            # a tenth of a small file system at most (a 64 MB partition gets 6.4 MB)
-            size = min(self.size, st.f_blocks * st.f_frsize // 10)
+            size = self.planned_size()
             if st.f_bavail * st.f_frsize < 2 * size:
                 return False
             with open(self.path + ".tmp", "wb") as fh:

@@ -196,12 +196,14 @@ class Store:
 
     def _take_batch(self) -> list[_Pending]:
         limit = self.cfg.commit_batch_size
-        taken = 0
+        max_bytes = self._db.max_txn_bytes
+        taken = size = 0
         batch: list[_Pending] = []
-        while self._pending and (taken < limit or not batch):
+        while self._pending and ((taken < limit and size < max_bytes) or not batch):
             item = self._pending.pop(0)
             batch.append(item)
             taken += len(item[1])
+            size += sum(len(m.payload) for m in item[1])
         self._pending_count -= taken
         return batch
 

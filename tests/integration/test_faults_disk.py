@@ -52,7 +52,8 @@ def fill_until_dropping(gw: GatewayProcess, pub: Publisher, root: str, limit: in
         dropped = gw.status()["uplinks"]["default"]["dropped"]
         if dropped.get("disk_full", 0) > 0:
             return n
-    raise AssertionError(f"no disk_full drop after {n} messages:\n{gw.log()[-3000:]}")
+    raise AssertionError(f"no disk_full drop after {n} messages (status {gw.status()}):\n"
+                         f"{gw.log()[-3000:]}")
 
 
 def account(gw: GatewayProcess, pub: Publisher, redis_port: int, stream: str) -> None:
@@ -74,13 +75,7 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("how", [
-    pytest.param("tmpfs_uplink_returns", marks=pytest.mark.xfail(strict=True, reason=(
-        "known gap (docs/reliability.md, Known gaps): on a really full file system the daemon "
-        "keeps running, but refused appends use up the released disk reserve and the "
-        "forwarder's lease keeps failing with SQLITE_FULL, so the store does not drain"))),
-    "max_page_count",
-])
+@pytest.mark.parametrize("how", ["tmpfs_uplink_returns", "max_page_count"])
 def test_full_disk_policy_applies_daemon_keeps_running_and_recovers(
         tmp_path: Path, mosquitto: ServerProcess, redis: ServerProcess,
         small_fs: Path | None, how: str) -> None:

@@ -63,6 +63,43 @@ async def test_outage_costs_no_attempts_and_loses_nothing(tmp_path: Path) -> Non
     await store.close()
 
 
+async def test_outage_leases_again_only_after_a_health_check_passes(tmp_path: Path) -> None:
+    store = await filled_store(tmp_path / "s.db", [("t", b"%d" % i) for i in range(50)])
+    uplink = StubUplink()
+    uplink.down = True
+    calls = {"lease": 0, "health": 0}
+    lease, health = store.lease, uplink.health_check
+
+    async def counted_lease(*args: object, **kwargs: object) -> object:
+        calls["lease"] += 1
+        return await lease(*args, **kwargs)  # type: ignore[arg-type]
+
+    async def counted_health() -> bool:
+        calls["health"] += 1
+        return await health()
+
+    async def lazy_connect() -> None:  # like redis-py: connecting does not reach the server
+        pass
+
+    store.lease = counted_lease  # type: ignore[method-assign,assignment]
+    uplink.health_check = counted_health  # type: ignore[method-assign]
+    uplink.connect = lazy_connect  # type: ignore[method-assign]
+    fwd = Forwarder(store, uplink, make_config(batch_size=20))
+    task = asyncio.create_task(fwd.run())
+    await asyncio.sleep(0.5)
+    # one batch and the one leased ahead, then only health checks while the uplink is down
+    assert calls["lease"] <= 2 and calls["health"] >= 5, calls
+    uplink.down = False
+    for _ in range(100):
+        if len(uplink.published) == 50:
+            break
+        await asyncio.sleep(0.05)
+    fwd.stop()
+    await task
+    assert uplink.bodies() == [b"%d" % i for i in range(50)]
+    await store.close()
+
+
 async def test_permanent_rejection_dead_letters_and_the_rest_flow(tmp_path: Path) -> None:
     store = await filled_store(tmp_path / "s.db", [("t", b"ok1"), ("t", b"POISON"), ("t", b"ok2")])
     uplink = StubUplink()
