@@ -5,9 +5,10 @@ Promises:
 - A message leaves the store only when the uplink accepted it (PublishResult.ok), when the
   uplink refused it for good (dead-lettered with the reason), or when it ran out of
   attempts (dead-lettered). An unreachable uplink never costs a message an attempt: the
-  batch is released and the forwarder backs off with full jitter, however long the outage;
-  it leases again only after the uplink's health check passes, so an outage of hours does
-  not rewrite a batch of rows on every backoff round.
+  batch is released and the forwarder backs off with full jitter, however long the outage.
+  After an outage it probes with a batch of one message (the uplink's own publish, so no
+  extra permission is needed), so an outage of hours does not rewrite a whole batch of rows
+  on every backoff round.
 - One batch is on the wire at a time (the next is leased meanwhile, and published only if
   the one before needed no retry), so per-topic order (the store's invariant 3) carries
   through to the uplink. Messages are grouped by destination (``forwarder.routes`` first
@@ -28,13 +29,7 @@ from dataclasses import dataclass, field
 
 from gateway.aio import wait_event
 from gateway.config import Config
-from gateway.errors import (
-    NotSupportedError,
-    QueueError,
-    RetryableError,
-    StoreError,
-    UplinkUnavailable,
-)
+from gateway.errors import QueueError, RetryableError, StoreError, UplinkUnavailable
 from gateway.queue.interface import MessageQueueInterface, PublishResult
 from gateway.store.records import Settlement, StoredMessage
 from gateway.store.store import Store
@@ -79,8 +74,8 @@ class Forwarder:
         self._failures = 0  # consecutive whole-batch failures, for the backoff
         self._connected = False
         self._ever_connected = False
-        #: after an outage, a health check must pass before the next lease (no lease and
-        #: release of a whole batch per backoff round: that is SD card wear, not progress)
+        #: after an outage the next batch is one message: no lease and release of a whole
+        #: batch per backoff round (that is SD card wear, not progress)
         self._probe = False
         self._ahead: asyncio.Task[list[StoredMessage]] | None = None
         self._settling: asyncio.Future[None] | None = None
@@ -93,9 +88,6 @@ class Forwarder:
         try:
             while not self._stopping.is_set():
                 if not self._connected and not await self._connect():
-                    await self._backoff()
-                    continue
-                if self._probe and not await self._healthy():
                     await self._backoff()
                     continue
                 try:
@@ -132,21 +124,6 @@ class Forwarder:
         self._failures = 0
         self.stats.state = "online"
         log.info("uplink %s connected", self.uplink.backend_name)
-        return True
-
-    async def _healthy(self) -> bool:
-        try:
-            ok = await asyncio.wait_for(self.uplink.health_check(), self.cfg.publish_timeout)
-        except NotSupportedError:  # cannot tell: the next batch is the probe
-            ok = True
-        except (QueueError, TimeoutError) as exc:
-            self._note_unavailable(exc)
-            return False
-        if not ok:
-            self._note_unavailable(UplinkUnavailable(
-                f"{self.uplink.backend_name} health check failed"))
-            return False
-        self._probe = False
         return True
 
     async def _store_trouble(self, exc: StoreError) -> None:
@@ -204,11 +181,13 @@ class Forwarder:
         Raises UplinkUnavailable (after releasing the batch) when the uplink could not be
         reached, so the caller backs off."""
         started = time.monotonic()
-        batch = await self._next_batch()
+        probing = self._probe
+        batch = await self._next_batch(1 if probing else self.cfg.batch_size)
         if not batch:
             return 0
-        self._ahead = asyncio.create_task(self.store.lease(self.queue, self.cfg.batch_size),
-                                          name="lease-ahead")
+        if not probing:
+            self._ahead = asyncio.create_task(self.store.lease(self.queue, self.cfg.batch_size),
+                                              name="lease-ahead")
         settlement, unavailable = await self._publish_all(batch)
         in_order = not settlement.retry and not settlement.release
         if not in_order:
@@ -221,15 +200,16 @@ class Forwarder:
         if unavailable is not None:
             self._connected = not isinstance(unavailable, _Disconnected)
             raise unavailable
+        self._probe = False
         self._failures = 0
         self.stats.state = "online"
         await self._pace(len(settlement.delivered), started)
         return len(settlement.delivered)
 
-    async def _next_batch(self) -> list[StoredMessage]:
+    async def _next_batch(self, limit: int) -> list[StoredMessage]:
         if self._ahead is not None:
             return await self._take_ahead()
-        return await self.store.lease(self.queue, self.cfg.batch_size)
+        return await self.store.lease(self.queue, limit)
 
     async def _take_ahead(self) -> list[StoredMessage]:
         task, self._ahead = self._ahead, None

@@ -12,6 +12,7 @@ from gateway.errors import RetryableError
 from gateway.forwarder import UPLINK_QUEUE, Forwarder
 from gateway.message import ATTR_MESSAGE_ID, ATTR_MQTT_TOPIC, new_message_id
 from gateway.store import NewMessage, Store
+from gateway.store.records import StoredMessage
 from tests.stub_uplink import StubUplink, reject_body
 
 
@@ -63,32 +64,30 @@ async def test_outage_costs_no_attempts_and_loses_nothing(tmp_path: Path) -> Non
     await store.close()
 
 
-async def test_outage_leases_again_only_after_a_health_check_passes(tmp_path: Path) -> None:
+async def test_outage_probes_with_one_message_not_a_batch(tmp_path: Path) -> None:
     store = await filled_store(tmp_path / "s.db", [("t", b"%d" % i) for i in range(50)])
     uplink = StubUplink()
     uplink.down = True
-    calls = {"lease": 0, "health": 0}
-    lease, health = store.lease, uplink.health_check
+    leased: list[int] = []
+    lease = store.lease
 
-    async def counted_lease(*args: object, **kwargs: object) -> object:
-        calls["lease"] += 1
-        return await lease(*args, **kwargs)  # type: ignore[arg-type]
-
-    async def counted_health() -> bool:
-        calls["health"] += 1
-        return await health()
+    async def counted_lease(queue: str, limit: int, lease_seconds: float | None = None,
+                            ) -> list[StoredMessage]:
+        got = await lease(queue, limit, lease_seconds)
+        leased.append(len(got))
+        return got
 
     async def lazy_connect() -> None:  # like redis-py: connecting does not reach the server
         pass
 
-    store.lease = counted_lease  # type: ignore[method-assign,assignment]
-    uplink.health_check = counted_health  # type: ignore[method-assign]
+    store.lease = counted_lease  # type: ignore[method-assign]
     uplink.connect = lazy_connect  # type: ignore[method-assign]
     fwd = Forwarder(store, uplink, make_config(batch_size=20))
     task = asyncio.create_task(fwd.run())
     await asyncio.sleep(0.5)
-    # one batch and the one leased ahead, then only health checks while the uplink is down
-    assert calls["lease"] <= 2 and calls["health"] >= 5, calls
+    # one batch and the one leased ahead, then one message per backoff round
+    assert len(leased) >= 6 and leased[:2] == [20, 20] and set(leased[2:]) == {1}, leased
+    outage_leases = len(leased)
     uplink.down = False
     for _ in range(100):
         if len(uplink.published) == 50:
@@ -97,6 +96,7 @@ async def test_outage_leases_again_only_after_a_health_check_passes(tmp_path: Pa
     fwd.stop()
     await task
     assert uplink.bodies() == [b"%d" % i for i in range(50)]
+    assert 20 in leased[outage_leases:], "full batches again once the probe went through"
     await store.close()
 
 
