@@ -15,6 +15,7 @@ from __future__ import annotations
 import pytest
 
 from tests.contract.backend_custom import custom_backend
+from tests.contract.backend_eventhubs import eventhubs_backend, eventhubs_server
 from tests.contract.backend_kafka import kafka_backend, kafka_broker
 from tests.contract.backend_mqtt import mqtt_backend
 from tests.contract.backend_pubsub import pubsub_backend, pubsub_emulator, pubsub_fake_server
@@ -25,12 +26,14 @@ __all__ = ["ContractTarget", "backend", "kafka_backend", "kafka_broker", "redis_
            "sqlite_backend"]
 __all__ += ["pubsub_backend", "pubsub_emulator", "pubsub_fake_server"]
 __all__ += ["custom_backend"]
+__all__ += ["eventhubs_backend", "eventhubs_server"]
 __all__ += ["mqtt_backend"]
 __all__ += ["elasticmq", "moto_sqs", "sqs_elasticmq_backend", "sqs_moto_backend"]
 
 CONTRACT_BACKENDS = ["sqlite", "redis", "kafka"]
 CONTRACT_BACKENDS += ["pubsub"]
 CONTRACT_BACKENDS += ["custom"]
+CONTRACT_BACKENDS += ["eventhubs"]
 CONTRACT_BACKENDS += ["mqtt"]
 CONTRACT_BACKENDS += ["sqs_moto", "sqs_elasticmq"]
 

@@ -128,6 +128,10 @@ class PartitionState:
         return position if position >= 0 else None
 
     def delivered(self, sequence_number: int, offset: str) -> None:
+        if self.offsets.committed < 0 and self.offsets.next_offset < 0:
+            # the first event ever read here: nothing before it is owed (it may not be 0
+            # when the retention dropped older events)
+            self.offsets.committed = sequence_number
         self.offsets.delivered(sequence_number)
         self.offset_of[sequence_number] = offset
 

@@ -26,7 +26,13 @@ from collections.abc import Sequence
 from azure.eventhub import EventData, EventDataBatch
 from azure.eventhub.aio import EventHubProducerClient
 
-from gateway.errors import MessageRejected, PermanentError, QueueError, UplinkUnavailable
+from gateway.errors import (
+    MessageRejected,
+    PermanentError,
+    QueueError,
+    RetryableError,
+    UplinkUnavailable,
+)
 from gateway.message import ATTR_CONTENT_TYPE, ATTR_MESSAGE_ID, QueueMessage
 from gateway.queue.interface import PublishResult
 from gateway.uplinks.eventhubs.errors import BACKEND, translate
@@ -127,18 +133,20 @@ class _Round:
             if self.add(batch, index):
                 members.append(index)
                 continue
-            if members:
-                failure = await self.send(key, batch, members)
-                if failure is not None:  # keep order: nothing behind a failed batch of this key
-                    self.fail(members + indexes[position:], failure)
-                    return
-                batch = await self.create(key, indexes[position:])
-                if batch is None:
-                    return
-                members = []
-                if self.add(batch, index):
-                    members.append(index)
-                    continue
+            fresh = await self.create(key, indexes[position:])
+            if fresh is None:  # ``create`` failed the rest with its error; members share it
+                failed = self.results[index]
+                self.fail(members, failed.error if failed is not None and failed.error
+                          else RetryableError("not sent", backend=BACKEND))
+                return
+            if self.add(fresh, index):  # it fits a batch of its own: this one is full
+                if members:
+                    failure = await self.send(key, batch, members)
+                    if failure is not None:  # keep order: nothing behind a failed batch
+                        self.fail(members + indexes[position:], failure)
+                        return
+                batch, members = fresh, [index]
+                continue
             msg = self.messages[index]
             limit = getattr(batch, "max_size_in_bytes", "?")
             self.results[index] = PublishResult(msg.id, MessageRejected(

@@ -103,6 +103,9 @@ class EventHubsQueue(MessageQueueInterface):
         self._hubs: dict[str, _Hub] = {}
         self._in_flight: dict[str, list[_InFlight]] = {}
         self._receivers: set[Receiver] = set()
+        self._closing: set[asyncio.Task[None]] = set()
+        #: partition ids per hub (a hub's partition count never shrinks)
+        self._partition_ids: dict[str, list[str]] = {}
 
     @classmethod
     def from_config(cls, config: Config) -> Self:
@@ -120,16 +123,19 @@ class EventHubsQueue(MessageQueueInterface):
             return
         self._connected = True
         try:
-            await self._management(self.default_hub, "get_eventhub_properties")
+            props = await self._management(self.default_hub, "get_eventhub_properties")
         except BaseException:
             await self.disconnect()
             raise
+        self._partition_ids[self.default_hub] = [str(p) for p in props["partition_ids"]]
 
     async def disconnect(self) -> None:
         self._connected = False
         receivers, self._receivers = list(self._receivers), set()
         for receiver in receivers:
-            await receiver.close(self.settings.azure_eventhubs_request_timeout)
+            self._close_later(receiver)
+        closing, self._closing = list(self._closing), set()
+        await asyncio.gather(*closing, return_exceptions=True)
         self._in_flight.clear()
         producers, self._producers = list(self._producers.values()), {}
         for producer in producers:
@@ -138,6 +144,20 @@ class EventHubsQueue(MessageQueueInterface):
                     await producer.close()
             except Exception as exc:
                 log.debug("eventhubs: closing a producer: %s", exc)
+
+    def _close_later(self, receiver: Receiver) -> None:
+        """Close a consumer client in the background: the SDK's close takes a second or
+        more (it polls its partition tasks once a second); disconnect() waits for it."""
+        task = asyncio.create_task(receiver.close(self.settings.azure_eventhubs_request_timeout))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def _partitions(self, hub: str) -> list[str]:
+        ids = self._partition_ids.get(hub)
+        if ids is None:
+            found = await self._management(hub, "get_partition_ids")
+            ids = self._partition_ids[hub] = [str(p) for p in found]
+        return ids
 
     def _producer(self, hub: str) -> EventHubProducerClient:
         if not self._connected:
@@ -221,7 +241,7 @@ class EventHubsQueue(MessageQueueInterface):
     async def consume(self, queue_name: str, handler: Handler, batch_size: int = 10,
                       wait_time_seconds: float = 1.0) -> None:
         name = self.hub_for(queue_name)
-        partition_ids: list[str] = await self._management(name, "get_partition_ids")
+        partition_ids = await self._partitions(name)
         hub = await self._hub(name)
         starts = {pid: hub.partition(pid).start() for pid in partition_ids}
         receiver = Receiver(self.clients.consumer(name), name, starts, batch_size=batch_size,
@@ -245,8 +265,9 @@ class EventHubsQueue(MessageQueueInterface):
                     if msg is not None:
                         await self._handle(handler, msg)
         finally:
-            self._receivers.discard(receiver)
-            await receiver.close(self.settings.azure_eventhubs_request_timeout)
+            if receiver in self._receivers:
+                self._receivers.discard(receiver)
+                self._close_later(receiver)
 
     async def _handle(self, handler: Handler, msg: QueueMessage) -> None:
         try:
@@ -341,11 +362,12 @@ class EventHubsQueue(MessageQueueInterface):
 
     async def get_queue_depth(self, queue_name: str) -> int:
         name = self.hub_for(queue_name)
-        partition_ids: list[str] = await self._management(name, "get_partition_ids")
+        partition_ids = await self._partitions(name)
         hub = await self._hub(name)
+        answers = await asyncio.gather(
+            *(self._management(name, "get_partition_properties", pid) for pid in partition_ids))
         depth = 0
-        for pid in partition_ids:
-            props = await self._management(name, "get_partition_properties", pid)
+        for pid, props in zip(partition_ids, answers, strict=True):
             if props.get("is_empty"):
                 continue
             last = int(props["last_enqueued_sequence_number"])
