@@ -288,7 +288,8 @@ async def test_a_message_held_past_its_visibility_stays_in_flight_once(
             await asyncio.gather(task, return_exceptions=True)
         assert [m.id for m in received] == [mid]  # the handler saw it once
         first_handle = received[0].raw_message["ReceiptHandle"]
-        assert uplink._in_flight[mid][0].receipt != first_handle  # SQS did hand it over again
+        held = [r for m, r in uplink._in_flight if m == mid]
+        assert held[0].receipt != first_handle  # SQS did hand it over again
         assert await uplink.acknowledge(mid) is True  # with the latest receipt handle
         assert await uplink.get_queue_depth(name) == 0
 

@@ -51,6 +51,7 @@ from gateway.errors import (
     UplinkUnavailable,
 )
 from gateway.message import ATTR_MESSAGE_ID, Body, QueueMessage, encode_body, new_message_id
+from gateway.queue.inflight import InFlight
 from gateway.queue.interface import Handler, MessageQueueInterface, PublishResult
 from gateway.uplinks.kafka.keys import KeyTemplate
 from gateway.uplinks.pubsub.clients import Clients, build_clients
@@ -96,8 +97,7 @@ class PubSubQueue(MessageQueueInterface):
         self._clients: Clients | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._known_topics: set[str] = set()
-        self._in_flight: dict[str, list[_InFlight]] = {}
-        self._by_server_id: dict[tuple[str, str], _InFlight] = {}
+        self._in_flight: InFlight[_InFlight] = InFlight(lambda r: (r.subscription, r.server_id))
         self._deliveries: OrderedDict[tuple[str, str], int] = OrderedDict()
         self._publisher = Publisher(self.ordering, settings.gcp_publish_timeout, self._call)
 
@@ -173,7 +173,6 @@ class PubSubQueue(MessageQueueInterface):
         clients, executor = self._clients, self._executor
         self._clients = self._executor = None
         self._in_flight.clear()
-        self._by_server_id.clear()
         self._known_topics.clear()
         if clients is None or executor is None:
             return
@@ -337,7 +336,7 @@ class PubSubQueue(MessageQueueInterface):
 
     async def _dispatch(self, subscription: str, received: Any, handler: Handler) -> None:
         server_id = str(received.message.message_id)
-        held = self._by_server_id.get((subscription, server_id))
+        held = self._in_flight.get((subscription, server_id))
         if held is not None:  # redelivered after its ack deadline while still ours
             held.ack_id = received.ack_id
             return
@@ -345,11 +344,11 @@ class PubSubQueue(MessageQueueInterface):
         attempt = int(received.delivery_attempt or 0)
         record = _InFlight(subscription, received.ack_id, server_id,
                            _to_message(received, attempt - 1 if attempt > 0 else seen - 1))
-        self._track(record)
+        self._in_flight.track(record.message.id, record)
         try:
             await handler(record.message)
         except Exception as exc:  # the handler's failure is the message's outcome
-            if not self._untrack(record):
+            if not self._in_flight.untrack(record.message.id, record):
                 return  # the handler settled it before raising
             log.warning("gcp_pubsub: handler failed for %s: %s; requeueing",
                         record.message.id, exc)
@@ -368,54 +367,23 @@ class PubSubQueue(MessageQueueInterface):
 
     # -- settling -----------------------------------------------------------------------
 
-    def _track(self, record: _InFlight, *, first: bool = False) -> None:
-        records = self._in_flight.setdefault(record.message.id, [])
-        records.insert(0, record) if first else records.append(record)
-        self._by_server_id[(record.subscription, record.server_id)] = record
-
-    def _untrack(self, record: _InFlight) -> bool:
-        records = self._in_flight.get(record.message.id, [])
-        if record not in records:
-            return False
-        records.remove(record)
-        if not records:
-            del self._in_flight[record.message.id]
-        self._by_server_id.pop((record.subscription, record.server_id), None)
-        return True
-
-    def _take(self, message_id: str) -> _InFlight | None:
-        records = self._in_flight.get(message_id)
-        if not records:
-            return None
-        record = records[0]
-        self._untrack(record)
-        return record
-
     async def acknowledge(self, message_id: str) -> bool:
-        record = self._take(message_id)
-        if record is None:
-            return False
-        try:
+        async def ack(record: _InFlight) -> bool:
             await self._ack(record)
-        except BaseException:
-            self._track(record, first=True)  # still ours: the caller may try again
-            raise
-        return True
+            return True
+
+        return await self._in_flight.settle(message_id, ack)
 
     async def reject(self, message_id: str, requeue: bool = True, reason: str = "") -> bool:
-        record = self._take(message_id)
-        if record is None:
-            return False
-        try:
+        async def move(record: _InFlight) -> bool:
             if requeue:
                 await self._modack(record, 0)
             else:
                 await self._dead_letter(record, reason)
                 await self._ack(record)
-        except BaseException:
-            self._track(record, first=True)
-            raise
-        return True
+            return True
+
+        return await self._in_flight.settle(message_id, move)
 
     async def _ack(self, record: _InFlight) -> None:
         subscriber = self._require().subscriber
@@ -534,9 +502,7 @@ class PubSubQueue(MessageQueueInterface):
         return True
 
     def _forget_subscription(self, subscription: str) -> None:
-        for records in list(self._in_flight.values()):
-            for record in [r for r in records if r.subscription == subscription]:
-                self._untrack(record)
+        self._in_flight.forget(lambda r: r.subscription == subscription)
 
     async def purge_queue(self, queue_name: str) -> int:
         raise NotSupportedError(

@@ -73,6 +73,7 @@ from gateway.errors import (
     UplinkUnavailable,
 )
 from gateway.message import Body, QueueMessage, encode_body, new_message_id
+from gateway.queue.inflight import InFlight
 from gateway.queue.interface import Handler, MessageQueueInterface, PublishResult
 from gateway.uplinks.redis.settings import RedisSettings
 
@@ -188,8 +189,7 @@ class RedisStreamsQueue(MessageQueueInterface):
         self._maxlen = self.settings.redis_maxlen if self.settings.redis_maxlen > 0 else None
         self._client: aioredis.Redis | None = None
         self._move: Any = None
-        self._in_flight: dict[str, list[_InFlight]] = {}
-        self._in_flight_entries: set[tuple[str, bytes]] = set()
+        self._in_flight: InFlight[_InFlight] = InFlight(lambda r: (r.stream, r.entry_id))
 
     @classmethod
     def from_config(cls, config: Config) -> Self:
@@ -237,7 +237,6 @@ class RedisStreamsQueue(MessageQueueInterface):
         # Entries still in flight stay pending in Redis under our consumer name; the next
         # consume() re-delivers them.
         self._in_flight.clear()
-        self._in_flight_entries.clear()
         if client is not None:
             with contextlib.suppress(rexc.RedisError, OSError):
                 await client.aclose()
@@ -396,7 +395,7 @@ class RedisStreamsQueue(MessageQueueInterface):
         with _boundary("consume"):
             rows = await self.client.xpending_range(
                 stream, self.group, entries[0][0], entries[-1][0],
-                len(entries) + len(self._in_flight_entries), consumername=self.consumer)
+                len(entries) + len(self._in_flight), consumername=self.consumer)
         return {_bytes(row["message_id"]): int(row["times_delivered"]) for row in rows}
 
     async def _dispatch(self, stream: str, entries: list[Entry], handler: Handler,
@@ -405,13 +404,13 @@ class RedisStreamsQueue(MessageQueueInterface):
             if not fields:
                 await self._drop_vanished(stream, entry_id)
                 continue
-            if (stream, entry_id) in self._in_flight_entries:
+            if (stream, entry_id) in self._in_flight:
                 continue
             delivered = deliveries.get(entry_id, 1) if deliveries else 1
             record = _InFlight(stream, entry_id, fields,
                                _stored_retry_count(fields) + max(delivered - 1, 0))
             msg = _to_message(record)
-            self._track(msg.id, record)
+            self._in_flight.track(msg.id, record)
             try:
                 await handler(msg)
             except Exception as exc:  # the handler's failure is the message's outcome
@@ -419,7 +418,7 @@ class RedisStreamsQueue(MessageQueueInterface):
 
     async def _settle_after_handler_error(self, message_id: str, record: _InFlight,
                                           reason: str) -> None:
-        if not self._untrack(message_id, record):
+        if not self._in_flight.untrack(message_id, record):
             return  # the handler settled it before raising
         # On failure the entry simply stays pending and is re-delivered after reconnecting.
         await self._move_entry(record, requeue=True, reason=reason)
@@ -433,30 +432,20 @@ class RedisStreamsQueue(MessageQueueInterface):
     # -- settling ---------------------------------------------------------------------
 
     async def acknowledge(self, message_id: str) -> bool:
-        record = self._take(message_id)
-        if record is None:
-            return False
-        try:
-            pipe = self.client.pipeline(transaction=True)
-            pipe.xack(record.stream, self.group, record.entry_id)
-            if self.settings.redis_delete_acked:
-                pipe.xdel(record.stream, record.entry_id)
-            with _boundary("acknowledge"):
-                replies = await pipe.execute()
-        except BaseException:
-            self._track(message_id, record, first=True)  # the caller may try again
-            raise
+        return await self._in_flight.settle(message_id, self._ack)
+
+    async def _ack(self, record: _InFlight) -> bool:
+        pipe = self.client.pipeline(transaction=True)
+        pipe.xack(record.stream, self.group, record.entry_id)
+        if self.settings.redis_delete_acked:
+            pipe.xdel(record.stream, record.entry_id)
+        with _boundary("acknowledge"):
+            replies = await pipe.execute()
         return bool(replies[0])
 
     async def reject(self, message_id: str, requeue: bool = True, reason: str = "") -> bool:
-        record = self._take(message_id)
-        if record is None:
-            return False
-        try:
-            return await self._move_entry(record, requeue=requeue, reason=reason)
-        except BaseException:
-            self._track(message_id, record, first=True)
-            raise
+        return await self._in_flight.settle(
+            message_id, lambda record: self._move_entry(record, requeue=requeue, reason=reason))
 
     async def _move_entry(self, record: _InFlight, *, requeue: bool, reason: str) -> bool:
         fields = dict(record.fields)
@@ -479,33 +468,8 @@ class RedisStreamsQueue(MessageQueueInterface):
                                       client=self.client)
         return new_id is not None
 
-    def _track(self, message_id: str, record: _InFlight, *, first: bool = False) -> None:
-        records = self._in_flight.setdefault(message_id, [])
-        records.insert(0, record) if first else records.append(record)
-        self._in_flight_entries.add((record.stream, record.entry_id))
-
-    def _take(self, message_id: str) -> _InFlight | None:
-        records = self._in_flight.get(message_id)
-        if not records:
-            return None
-        record = records[0]
-        self._untrack(message_id, record)
-        return record
-
-    def _untrack(self, message_id: str, record: _InFlight) -> bool:
-        records = self._in_flight.get(message_id, [])
-        if record not in records:
-            return False
-        records.remove(record)
-        if not records:
-            del self._in_flight[message_id]
-        self._in_flight_entries.discard((record.stream, record.entry_id))
-        return True
-
     def _forget_stream(self, stream: str) -> None:
-        for message_id, records in list(self._in_flight.items()):
-            for record in [r for r in records if r.stream == stream]:
-                self._untrack(message_id, record)
+        self._in_flight.forget(lambda r: r.stream == stream)
 
     # -- administration ---------------------------------------------------------------
 

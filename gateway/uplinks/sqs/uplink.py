@@ -69,6 +69,7 @@ from gateway.errors import (
     UplinkUnavailable,
 )
 from gateway.message import Body, QueueMessage, encode_body, new_message_id
+from gateway.queue.inflight import InFlight
 from gateway.queue.interface import Handler, MessageQueueInterface, PublishResult
 from gateway.uplinks.kafka.keys import KeyTemplate
 from gateway.uplinks.sqs import codec
@@ -132,8 +133,7 @@ class SqsQueue(MessageQueueInterface):
             self._urls[request_queue_name] = self.settings.sqs_queue_url
         self._stack: contextlib.AsyncExitStack | None = None
         self._client: Any = None
-        self._in_flight: dict[str, list[_InFlight]] = {}
-        self._by_sqs_id: dict[str, _InFlight] = {}
+        self._in_flight: InFlight[_InFlight] = InFlight(lambda r: r.sqs_id)
 
     @classmethod
     def from_config(cls, config: Config) -> Self:
@@ -189,7 +189,6 @@ class SqsQueue(MessageQueueInterface):
         stack, self._stack, self._client = self._stack, None, None
         # What is still in flight becomes visible again when its visibility timeout ends.
         self._in_flight.clear()
-        self._by_sqs_id.clear()
         if stack is not None:
             with contextlib.suppress(bexc.BotoCoreError, OSError):
                 await stack.aclose()
@@ -463,17 +462,17 @@ class SqsQueue(MessageQueueInterface):
     async def _dispatch(self, queue_name: str, url: str, raw: dict[str, Any],
                         handler: Handler) -> None:
         sqs_id, receipt = str(raw.get("MessageId", "")), str(raw.get("ReceiptHandle", ""))
-        held = self._by_sqs_id.get(sqs_id)
+        held = self._in_flight.get(sqs_id)
         if held is not None:  # its visibility ran out while we hold it: it stays ours
             held.receipt = receipt
             return
         msg = codec.decode(raw)
         record = _InFlight(queue_name, url, sqs_id, receipt, msg)
-        self._track(record)
+        self._in_flight.track(msg.id, record)
         try:
             await handler(msg)
         except Exception as exc:  # the handler's failure is the message's outcome
-            if not self._untrack(record):
+            if not self._in_flight.untrack(msg.id, record):
                 return  # the handler settled it before raising
             try:
                 await self._change_visibility(record, 0)
@@ -485,35 +484,33 @@ class SqsQueue(MessageQueueInterface):
     # -- settling ---------------------------------------------------------------------
 
     async def acknowledge(self, message_id: str) -> bool:
-        record = self._take(message_id)
-        if record is None:
-            return False
+        return await self._in_flight.settle(message_id, self._delete)
+
+    async def _delete(self, record: _InFlight) -> bool:
         try:
             with boundary("DeleteMessage"):
                 await self.client.delete_message(QueueUrl=record.url,
                                                   ReceiptHandle=record.receipt)
         except QueueError as exc:
             if exc.code in STALE_RECEIPT:
-                return False
-            self._track(record, first=True)  # the caller may try again
+                return False  # gone from us: nothing to hand back
             raise
         return True
 
     async def reject(self, message_id: str, requeue: bool = True, reason: str = "") -> bool:
-        record = self._take(message_id)
-        if record is None:
-            return False
-        try:
-            if requeue:
-                await self._change_visibility(record, 0)
-            else:
-                await self._dead_letter(record, reason)
-        except QueueError as exc:
-            if exc.code in STALE_RECEIPT:
-                return False
-            self._track(record, first=True)
-            raise
-        return True
+        async def move(record: _InFlight) -> bool:
+            try:
+                if requeue:
+                    await self._change_visibility(record, 0)
+                else:
+                    await self._dead_letter(record, reason)
+            except QueueError as exc:
+                if exc.code in STALE_RECEIPT:
+                    return False
+                raise
+            return True
+
+        return await self._in_flight.settle(message_id, move)
 
     async def _change_visibility(self, record: _InFlight, seconds: int) -> None:
         with boundary("ChangeMessageVisibility"):
@@ -537,33 +534,8 @@ class SqsQueue(MessageQueueInterface):
         with boundary("DeleteMessage"):
             await self.client.delete_message(QueueUrl=record.url, ReceiptHandle=record.receipt)
 
-    def _track(self, record: _InFlight, *, first: bool = False) -> None:
-        records = self._in_flight.setdefault(record.message.id, [])
-        records.insert(0, record) if first else records.append(record)
-        self._by_sqs_id[record.sqs_id] = record
-
-    def _take(self, message_id: str) -> _InFlight | None:
-        records = self._in_flight.get(message_id)
-        if not records:
-            return None
-        record = records[0]
-        self._untrack(record)
-        return record
-
-    def _untrack(self, record: _InFlight) -> bool:
-        records = self._in_flight.get(record.message.id, [])
-        if record not in records:
-            return False
-        records.remove(record)
-        if not records:
-            del self._in_flight[record.message.id]
-        self._by_sqs_id.pop(record.sqs_id, None)
-        return True
-
     def _forget_queue(self, url: str) -> None:
-        for records in list(self._in_flight.values()):
-            for record in [r for r in records if r.url == url]:
-                self._untrack(record)
+        self._in_flight.forget(lambda r: r.url == url)
 
     # -- administration ---------------------------------------------------------------
 
