@@ -62,7 +62,7 @@ if ! "$python" -m pip wheel -q --no-deps --disable-pip-version-check -w "$work/o
   cat "$work/wheel.log" >&2
   exit 1
 fi
-own_wheel="$(ls "$work/own"/openhqm_gateway-"$version"-*.whl)"
+own_wheel="$(ls "$work/own/openhqm_gateway-${version}"-*.whl)"
 cp "$own_wheel" "$wheels/"
 
 echo "==> wheels for linux/$arch (CPython $PY_VERSION) with extras [$extras]"
@@ -73,10 +73,10 @@ done
 "$python" -m pip download -q --disable-pip-version-check --only-binary=:all: \
   "${platforms[@]}" --python-version "$PY_VERSION" --implementation cp \
   --abi "cp${PY_VERSION/./}" --abi abi3 --abi none \
-  -c scripts/constraints.txt -d "$wheels" "$own_wheel[$extras]"
+  -c scripts/constraints.txt -d "$wheels" "${own_wheel}[${extras}]"
 # pip judged the dependencies' markers by this machine's Python; fetch what the target's needs.
 for _ in 1 2 3 4 5; do
-  mapfile -t more < <("$python" packaging/target_deps.py "$wheels" "$NAME[$extras]" "$PY_FULL" "$machine")
+  mapfile -t more < <("$python" packaging/target_deps.py "$wheels" "${NAME}[${extras}]" "$PY_FULL" "$machine")
   [ "${#more[@]}" -gt 0 ] || break
   echo "    for the target's Python $PY_FULL: ${more[*]}"
   "$python" -m pip download -q --disable-pip-version-check --only-binary=:all: --no-deps \
@@ -91,7 +91,7 @@ for whl in "$wheels"/*.whl; do
     *) echo "unexpected wheel for $arch: $(basename "$whl")" >&2; exit 1 ;;
   esac
 done
-echo "$NAME[$extras]==$version" > "$root/usr/lib/$NAME/requirement.txt"
+echo "${NAME}[${extras}]==${version}" > "$root/usr/lib/$NAME/requirement.txt"
 
 echo "==> files"
 install -D -m 0644 systemd/$NAME.service "$root/lib/systemd/system/$NAME.service"
@@ -126,8 +126,9 @@ size="$(du -sk --exclude=DEBIAN "$root" | cut -f1)"
 sed -e "s/@VERSION@/$deb_version/" -e "s/@ARCH@/$arch/" -e "s/@SIZE@/$size/" \
     -e "s/@EXTRAS@/$extras/" -e "s/@PY@/$PY_VERSION/" -e "s/@PY_NEXT@/$PY_NEXT/" \
     packaging/debian/control.in > "$root/DEBIAN/control"
-# Everything in the package belongs to root whatever the builder's uid.
-find "$root" -type d -exec chmod go-w {} +
+# Readable by all, writable by the owner only, whatever the builder's umask (owner: root, below).
+chmod -R u+rwX,go+rX,go-w "$root"
+chmod 0700 "$root/etc/$NAME/credentials"
 
 out_dir="${OPENHQM_DIST:-dist}"
 mkdir -p "$out_dir"

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
+# shellcheck disable=SC2015  # "check && expect ... || fail ...": expect only prints, never fails
 # Install the arm64 package into a fresh Debian 12 arm64 root under qemu-user emulation and run
 # it there:  sudo packaging/check-arm64.sh [path/to/openhqm-gateway_*_arm64.deb]
 # Without a .deb it builds one (packaging/build-deb.sh arm64). Needs root (debootstrap, chroot,
-# mounts). The debootstrapped root is cached as .cache/arm64-root/*.tar (OPENHQM_ARM64_CACHE
+# mounts). The debootstrapped root is cached as .cache/arm64-root/*.tar (ARM64_ROOT_CACHE
 # overrides the directory); the package is always installed into a fresh copy of it.
 # Exit codes: 0 checked, 1 a check failed, 3 this machine cannot emulate arm64 (binfmt_misc).
 set -euo pipefail
@@ -16,7 +17,7 @@ fi
 SUITE=bookworm
 MIRROR="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 INCLUDE=python3,python3-venv,adduser,ca-certificates
-cache_dir="${OPENHQM_ARM64_CACHE:-.cache/arm64-root}"
+cache_dir="${ARM64_ROOT_CACHE:-.cache/arm64-root}"
 tarball="$cache_dir/$SUITE-arm64-minbase-$(echo "$INCLUDE" | md5sum | cut -c1-8).tar"
 
 step() { echo "==> $*"; }
@@ -34,7 +35,8 @@ if [ ! -e /proc/sys/fs/binfmt_misc/qemu-aarch64 ]; then
 fi
 if [ ! -e /proc/sys/fs/binfmt_misc/qemu-aarch64 ]; then
   # Register by hand: ELF64 little-endian, e_machine 0xb7 (AArch64); F = the interpreter is
-  # opened now, so it works inside the chroot without a copy there.
+  # opened now, so it works inside the chroot without a copy there. The kernel decodes the \x.
+  # shellcheck disable=SC2028
   echo ':qemu-aarch64:M::\x7fELF\x02\x01\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x02\x00\xb7\x00:\xff\xff\xff\xff\xff\xff\xff\x00\xff\xff\xff\xff\xff\xff\xff\xff\xfe\xff\xff\xff:/usr/bin/qemu-aarch64-static:F' \
     > /proc/sys/fs/binfmt_misc/register 2>/dev/null || true
 fi

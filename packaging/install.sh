@@ -81,4 +81,4 @@ echo
 echo "Installed $(dpkg-query -W -f='${Package} ${Version}' openhqm-gateway)."
 echo "  config:  /etc/openhqm-gateway/gateway.yaml   (then: sudo systemctl restart openhqm-gateway)"
 echo "  status:  systemctl status openhqm-gateway;  journalctl -u openhqm-gateway -f"
-echo "           sudo openhqm-gateway status"
+echo "           sudo -u openhqm-gateway openhqm-gateway status"

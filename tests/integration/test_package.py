@@ -141,6 +141,16 @@ def test_build_rejects_bad_arguments(tmp_path: Path) -> None:
     assert not list(tmp_path.iterdir())
 
 
+def test_packaging_scripts_pass_shellcheck() -> None:
+    shellcheck = require_binary("shellcheck", "apt-get install shellcheck (scripts/provision/packaging.sh)")
+    scripts = [*(REPO / "packaging").glob("*.sh"),
+               *(REPO / "packaging" / "debian" / name for name in ("postinst", "prerm", "postrm")),
+               REPO / "scripts" / "provision" / "packaging.sh"]
+    done = subprocess.run([shellcheck, "-x", *map(str, scripts)], cwd=REPO, capture_output=True,
+                          text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
 @pytest.mark.timeout(1500)
 def test_arm64_package_installs_and_runs_under_emulation(tmp_path: Path) -> None:
     """A fresh root costs a debootstrap (about 2-3 minutes here); the cached one about 1 minute."""
