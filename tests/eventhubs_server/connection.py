@@ -38,7 +38,14 @@ from tests.eventhubs_server.frames import (
     transfer_overhead,
     uint,
 )
-from tests.eventhubs_server.nodes import Delivery, IncomingNode, OutgoingNode, resolve_node, text
+from tests.eventhubs_server.nodes import (
+    Delivery,
+    IncomingNode,
+    OutgoingNode,
+    PartitionReceiveNode,
+    resolve_node,
+    text,
+)
 
 if TYPE_CHECKING:
     from tests.eventhubs_server.server import ServerState
@@ -147,8 +154,12 @@ class Connection:
                                      frame_type=FRAME_SASL))
             init = await self._read_frame()
             if init.name != "sasl-init" or str(init.fields[0]) != "ANONYMOUS":
-                raise FrameError("amqp:not-implemented",
-                                 f"only SASL ANONYMOUS is implemented, got {init.fields[:1]}")
+                # no AMQP close exists before open: refuse with sasl-outcome sys-perm
+                log.warning("closing connection: only SASL ANONYMOUS is implemented, got %r",
+                            init.fields[:1] if init.name == "sasl-init" else init.name)
+                self._write(encode_frame(0, "sasl-outcome", [UByte(3), None],
+                                         frame_type=FRAME_SASL))
+                raise ConnectionError("unsupported SASL mechanism")
             self._write(encode_frame(0, "sasl-outcome", [UByte(0), None], frame_type=FRAME_SASL))
             header = await self.reader.readexactly(8)
         if header != AMQP_HEADER:
@@ -248,6 +259,10 @@ class Connection:
         node, problem = resolve_node(self.state, self, address or "", client_receives=role,
                                      source=source, target=target,
                                      properties=values[13] or {}, desired=values[12])
+        if isinstance(node, PartitionReceiveNode) and not node.claim(
+                lambda: self._steal(session, handle)):
+            problem = ("amqp:link:stolen", "a receiver with a higher owner level (epoch) "
+                       f"holds {node.address}")
         offered = node.offered_capabilities() if node is not None else None
         reply = [name, UInt(handle), not role, values[3] if values[3] is not None else UByte(2),
                  UByte(0),
@@ -281,8 +296,22 @@ class Connection:
             out.node.close()
             if out.task:
                 out.task.cancel()
-        session.incoming.pop(handle, None)
-        self._write(encode_frame(session.channel, "detach", [UInt(handle), True, None]))
+        known = out is not None or session.incoming.pop(handle, None) is not None
+        if known:  # else it answers a detach of ours
+            self._write(encode_frame(session.channel, "detach", [UInt(handle), True, None]))
+
+    def _steal(self, session: Session, handle: int) -> None:
+        """Another receiver took this link's partition (owner level): detach it."""
+        link = session.outgoing.pop(handle, None)
+        if link is None:
+            return
+        link.node.close()
+        if link.task:
+            link.task.cancel()
+        log.info("receiver %s lost %s to a higher owner level", link.name, link.node.address)
+        self.detach_with_error(session, handle, "amqp:link:stolen",
+                               "a receiver with a higher or equal owner level (epoch) took "
+                               f"{link.node.address}")
 
     def detach_with_error(self, session: Session, handle: int, condition: str,
                           description: str) -> None:

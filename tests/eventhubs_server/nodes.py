@@ -38,6 +38,7 @@ SELECTOR_FILTER = "apache.org:selector-filter:string"
 SELECTOR_FILTER_CODE = 0x0000468C00000004
 RUNTIME_METRIC = "com.microsoft:enable-receiver-runtime-metric"
 EPOCH = "com.microsoft:epoch"
+MAX_PENDING_REPLIES = 1024
 _SELECTOR = re.compile(
     r"^\s*amqp\.annotation\.x-opt-(offset|sequence-number|enqueued-time)\s*(>=|>)\s*'([^']*)'\s*$")
 
@@ -98,7 +99,7 @@ class ReplyNode(OutgoingNode):
     def __init__(self, address: str, reply_address: str | None) -> None:
         self.address = address
         self.reply_address = reply_address
-        self.pending: deque[bytes] = deque(maxlen=1024)
+        self.pending: deque[bytes] = deque()
 
     def push(self, payload: bytes) -> None:
         self.pending.append(payload)
@@ -132,6 +133,9 @@ class RequestNode(IncomingNode):
             log.warning("%s request without a reply link", self.address)
             return ("amqp:precondition-failed", f"attach a receiver on {self.address} first")
         assert isinstance(link.node, ReplyNode)
+        if len(link.node.pending) >= MAX_PENDING_REPLIES:  # the client grants no credit
+            return ("amqp:resource-limit-exceeded",
+                    f"{MAX_PENDING_REPLIES} replies wait for link credit on {self.address}")
         link.node.push(encode_message(reply))
         return None
 
@@ -239,12 +243,32 @@ def _new_event(message: Message, size: int) -> NewEvent:
 class PartitionReceiveNode(OutgoingNode):
     """Streams a partition's events from a position, then new ones as they arrive."""
 
-    def __init__(self, hub: Hub, partition: Partition, start: int, metric: bool) -> None:
+    def __init__(self, hub: Hub, partition: Partition, start: int, *, metric: bool,
+                 owner: tuple[ServerState, str, int | None]) -> None:
         self.hub = hub
         self.partition = partition
         self.cursor = start
         self.metric = metric
         self.address = f"{hub.name}/Partitions/{partition.partition_id}"
+        state, consumer_group, self.epoch = owner
+        self._owners = state.receivers.setdefault(
+            (hub.name, consumer_group, partition.partition_id), [])
+
+    def claim(self, evict: Callable[[], None]) -> bool:
+        """Owner level (epoch) as Event Hubs has it: a receiver with an epoch takes the
+        partition from receivers with a lower or equal epoch and from those without one;
+        a receiver is refused while one with a higher epoch (or any epoch, if it has none)
+        holds the partition."""
+        epochs = [epoch for epoch, _, _ in self._owners if epoch is not None]
+        if self.epoch is None and epochs:
+            return False
+        if self.epoch is not None and any(epoch > self.epoch for epoch in epochs):
+            return False
+        if self.epoch is not None:
+            for owner in list(self._owners):
+                owner[1]()  # detaches it with amqp:link:stolen; it leaves the list on close
+        self._owners.append((self.epoch, evict, self))
+        return True
 
     def bind(self, wake: Callable[[], None]) -> None:
         self.partition.listeners.add(wake)
@@ -252,6 +276,7 @@ class PartitionReceiveNode(OutgoingNode):
 
     def close(self) -> None:
         self.partition.listeners.discard(self._wake)
+        self._owners[:] = [owner for owner in self._owners if owner[2] is not self]
 
     def offered_capabilities(self) -> Any:
         return Array([Symbol(RUNTIME_METRIC)]) if self.metric else None
@@ -364,4 +389,6 @@ def resolve_node(state: ServerState, connection: Connection, address: str, *,
         return None, (exc.condition, exc.description)
     wanted = [desired] if isinstance(desired, (str, bytes)) else list(desired or [])
     metric = RUNTIME_METRIC in [text(c) for c in wanted]
-    return PartitionReceiveNode(hub, partition, start, metric), None
+    epoch = _string_keys(properties).get(EPOCH)
+    owner = (state, parts[2], None if epoch is None else int(epoch))
+    return PartitionReceiveNode(hub, partition, start, metric=metric, owner=owner), None

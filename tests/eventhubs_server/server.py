@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tests.eventhubs_server.connection import Connection
@@ -25,6 +26,9 @@ class ServerState:
     max_message_size: int
     consumer_groups: tuple[str, ...]
     cbs_tokens: list[str] = field(default_factory=list)
+    # (hub, consumer group, partition) -> (epoch, evict, node) of its receivers; loop thread only
+    receivers: dict[tuple[str, str, str], list[tuple[int | None, Callable[[], None], object]]] = \
+        field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def record_token(self, audience: str) -> None:

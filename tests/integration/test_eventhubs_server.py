@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import socket
+import struct
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -16,6 +18,14 @@ from typing import Any
 import pytest
 
 from tests.eventhubs_server import EventHubsServer
+from tests.eventhubs_server.codec import Symbol
+from tests.eventhubs_server.frames import (
+    AMQP_HEADER,
+    FRAME_SASL,
+    SASL_HEADER,
+    encode_frame,
+    parse_frame,
+)
 from tests.servers import free_port
 
 pytestmark = pytest.mark.integration
@@ -149,32 +159,36 @@ async def test_receive_from_start_and_from_a_sequence_number(
             await client.send_event(event, partition_id="0")
     stored = eventhubs_server.events(hub, "0")
 
-    everything = await receive(eventhubs_server, hub, "0", 5, starting_position="-1")
+    everything, after_two, from_two = await asyncio.gather(
+        receive(eventhubs_server, hub, "0", 5, starting_position="-1"),
+        receive(eventhubs_server, hub, "0", 2, starting_position=2),
+        receive(eventhubs_server, hub, "0", 3, starting_position=2,
+                starting_position_inclusive=True))
     assert [e.body_as_str() for e in everything] == [f"r{i}" for i in range(5)]
     assert [e.sequence_number for e in everything] == [0, 1, 2, 3, 4]
     assert [e.offset for e in everything] == [str(e.offset) for e in stored]
     assert [e.enqueued_time for e in everything] == [e.enqueued_time for e in stored]
     assert [e.properties for e in everything] == [{b"i": i} for i in range(5)]
-
-    after_two = await receive(eventhubs_server, hub, "0", 2, starting_position=2)
     assert [e.sequence_number for e in after_two] == [3, 4]
-    from_two = await receive(eventhubs_server, hub, "0", 3, starting_position=2,
-                             starting_position_inclusive=True)
     assert [e.sequence_number for e in from_two] == [2, 3, 4]
 
 
 async def test_receiver_gets_new_events_and_partition_key(
         eventhubs_server: EventHubsServer, hub: str) -> None:
     async with producer(eventhubs_server, hub) as client:
-        pending = asyncio.create_task(
-            receive(eventhubs_server, hub, "1", 2, starting_position="@latest"))
+        await client.send_event(EventData(b"before"), partition_key="live-key")
+        [before] = eventhubs_server.events(hub)
+        pending = asyncio.create_task(receive(
+            eventhubs_server, hub, before.partition_id, 2, starting_position="@latest"))
         await asyncio.sleep(1.0)  # the receiver is attached before the events exist
-        await client.send_event(EventData(b"live-0"), partition_id="1")
-        batch = await client.create_batch(partition_id="1")
+        await client.send_event(EventData(b"live-0"), partition_key="live-key")
+        batch = await client.create_batch(partition_key="live-key")
         batch.add(EventData(b"live-1"))
         await client.send_batch(batch)
         got = await pending
     assert [e.body_as_str() for e in got] == ["live-0", "live-1"]
+    assert [e.partition_key for e in got] == [b"live-key", b"live-key"]
+    assert [e.sequence_number for e in got] == [1, 2]
 
 
 async def test_too_large_event_is_refused(eventhubs_server: EventHubsServer, hub: str) -> None:
@@ -228,3 +242,77 @@ async def test_wait_for_events_names_what_is_missing(eventhubs_server: EventHubs
                                                      hub: str) -> None:
     with pytest.raises(TimeoutError, match="2 events, have 0"):
         await asyncio.to_thread(eventhubs_server.wait_for_events, hub, 2, 0.2)
+
+
+async def test_large_event_and_enqueued_time_position(eventhubs_server: EventHubsServer,
+                                                      hub: str) -> None:
+    big = bytes(range(256)) * 1200  # 300 KB: several AMQP frames each way
+    async with producer(eventhubs_server, hub) as client:
+        await client.send_event(EventData(b"old"), partition_id="0")
+        await asyncio.sleep(0.05)
+        await client.send_event(EventData(big), partition_id="0")
+    old, new = eventhubs_server.events(hub, "0")
+    assert new.body == big
+    assert new.enqueued_time > old.enqueued_time
+    [got] = await receive(eventhubs_server, hub, "0", 1, starting_position=old.enqueued_time)
+    assert got.body_as_str(encoding="latin-1").encode("latin-1") == big
+    assert got.sequence_number == 1
+
+
+async def test_higher_owner_level_takes_the_partition(eventhubs_server: EventHubsServer,
+                                                      hub: str) -> None:
+    errors: list[Exception] = []
+
+    async def on_error(_context: Any, error: Exception) -> None:
+        errors.append(error)
+
+    async def ignore(_context: Any, _event: Any) -> None:
+        pass
+
+    first = EventHubConsumerClient.from_connection_string(
+        eventhubs_server.connection_string(hub), consumer_group="$Default",
+        load_balancing_interval=0.2)
+    async with first:
+        task = asyncio.create_task(first.receive(
+            ignore, partition_id="0", owner_level=0, on_error=on_error,
+            starting_position="@latest"))
+        await asyncio.sleep(1.0)
+        assert errors == []
+        async with producer(eventhubs_server, hub) as client:
+            pending = asyncio.create_task(receive(
+                eventhubs_server, hub, "0", 1, starting_position="-1", owner_level=1))
+            await asyncio.sleep(1.0)
+            await client.send_event(EventData(b"for the owner"), partition_id="0")
+            [got] = await pending
+    await task
+    assert got.body_as_str() == "for the owner"
+    assert any("owner level" in str(error) for error in errors), errors
+
+
+def _exchange(server: EventHubsServer, data: bytes) -> bytes:
+    """Send raw bytes, return everything the server answers until it closes."""
+    with socket.create_connection((server.host, server.port), timeout=5) as sock:
+        sock.sendall(data)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    return received
+
+
+def test_not_amqp_gets_the_amqp_header_and_a_closed_socket(
+        eventhubs_server: EventHubsServer) -> None:
+    assert _exchange(eventhubs_server, b"GET / HTTP/1.1\r\n\r\n") == AMQP_HEADER
+
+
+def test_other_sasl_mechanisms_are_refused(eventhubs_server: EventHubsServer) -> None:
+    plain = encode_frame(0, "sasl-init", [Symbol("PLAIN"), b"\0user\0pass", None],
+                         frame_type=FRAME_SASL)
+    answer = _exchange(eventhubs_server, SASL_HEADER + plain)
+    assert answer.startswith(SASL_HEADER)
+    frames = answer[len(SASL_HEADER):]
+    first = parse_frame(frames[:8], frames[8:struct.unpack(">I", frames[:4])[0]])
+    assert first.name == "sasl-mechanisms"
+    assert list(first.fields[0]) == ["ANONYMOUS"]
+    rest = frames[struct.unpack(">I", frames[:4])[0]:]
+    outcome = parse_frame(rest[:8], rest[8:])
+    assert (outcome.name, outcome.fields[0]) == ("sasl-outcome", 3)  # sys-perm
