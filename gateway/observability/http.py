@@ -141,6 +141,15 @@ RATE_STEP = 10  # seconds per rate sample (ObservabilityServer._sample_rates)
 STATE_TEXT = {"online": "online", "connecting": "connecting", "backing_off": "offline, retrying",
               "stopped": "stopped"}
 STATE_CLASS = {"online": "ok", "connecting": "warn", "backing_off": "bad", "stopped": "warn"}
+#: verdict -> header class: ready and online; ready but the uplink is not online (messages are
+#: buffered, not yet past the stuck thresholds); not ready
+VERDICT_CLASS = {"OK": "", "BUFFERING": "buffering", "ATTENTION": "down"}
+
+
+def verdict(s: Snapshot, failures: list[str]) -> str:
+    if failures:
+        return "ATTENTION"
+    return "OK" if s.uplink_state == "online" else "BUFFERING"
 
 
 def fmt_age(seconds: float | None) -> str:
@@ -167,7 +176,7 @@ def _fields(s: Snapshot, failures: list[str],
             rates: list[tuple[float, float]]) -> dict[str, str]:
     """Element id -> text, exactly as the page's script computes it from /status.json."""
     out = {
-        "verdict": "OK" if not failures else "ATTENTION",
+        "verdict": verdict(s, failures),
         "uplink-type": s.uplink_type,
         "uplink-state": STATE_TEXT.get(s.uplink_state, s.uplink_state),
         "last-ack": "never" if s.last_ack_at is None
@@ -217,6 +226,7 @@ def render_chart(rates: list[tuple[float, float]]) -> str:
 _STYLE = """
 body{font:16px/1.4 system-ui,sans-serif;margin:0;background:#f4f5f7;color:#1f2328}
 header{padding:.7em 1.2em;color:#fff;background:#1a7f37}header.down{background:#cf222e}
+header.buffering{background:#9a6700}
 h1{font-size:1.3em;margin:0}main{padding:1em 1.2em;max-width:62em}
 .grid{display:grid;grid-template-columns:repeat(3,1fr);gap:1em}.wide{grid-column:span 2}
 @media(max-width:40em){.grid{grid-template-columns:1fr}.wide{grid-column:auto}}
@@ -231,10 +241,10 @@ polyline{fill:none;stroke-width:2}.recv{stroke:#0969da;stroke-dasharray:6 3}.upl
 .key-recv{color:#0969da}.key-upl{color:#1a7f37}footer{color:#57606a;font-size:.85em;margin-top:1em}
 """
 
-# Mirrors fmt_age, mean_rates, _fields and render_chart above: keep them in step (the
+# Mirrors verdict, fmt_age, mean_rates, _fields and render_chart above: keep them in step (the
 # integration test compares the rendered DOM with /status.json).
 _SCRIPT = """
-const STEP=%(step)d,TEXT=%(text)s,CLS=%(cls)s;
+const STEP=%(step)d,TEXT=%(text)s,CLS=%(cls)s,VCLS=%(vcls)s;
 function age(s){if(s==null)return"\\u2014";if(s<60)return s.toFixed(1)+" s";
 if(s<3600)return Math.floor(s/60)+" min "+Math.floor(s%%60)+" s";
 if(s<86400)return Math.floor(s/3600)+" h "+Math.floor(s%%3600/60)+" min";
@@ -254,7 +264,7 @@ return'<svg viewBox="0 0 '+w+' '+h+'"><line class="axis" x1="'+p+'" y1="'+(h-p)+
 top.toFixed(1)+'/s</text><text x="'+p+'" y="'+(h-3)+'">'+ago+
 '</text><text x="'+(w-p)+'" y="'+(h-3)+'" text-anchor="end">now</text></svg>'}
 function show(d){const s=d.snapshot,c=s.counters,f={
-verdict:d.ready?"OK":"ATTENTION","uplink-type":s.uplink_type,
+verdict:!d.ready?"ATTENTION":s.uplink_state=="online"?"OK":"BUFFERING","uplink-type":s.uplink_type,
 "uplink-state":TEXT[s.uplink_state]||s.uplink_state,
 "last-ack":s.last_ack_at==null?"never":age(Math.max(0,s.taken_at-s.last_ack_at))+" ago",
 broker:s.ingress_connected?"connected":"NOT connected",depth:String(s.depth),
@@ -268,7 +278,7 @@ f["upl-"+m]=x?x[1].toFixed(1)+"/s":"\\u2014"}
 for(const k in f)document.getElementById(k).textContent=f[k];
 document.getElementById("uplink-state").className="big "+(CLS[s.uplink_state]||"warn");
 document.getElementById("broker").className="big "+(s.ingress_connected?"ok":"bad");
-document.querySelector("header").className=d.ready?"":"down";
+document.querySelector("header").className=VCLS[f.verdict];
 document.title="OpenHQM gateway \\u2014 "+f.verdict;
 const ul=document.getElementById("problems");ul.textContent="";
 for(const t of d.failures){const li=document.createElement("li");li.textContent=t;ul.append(li)}
@@ -287,13 +297,14 @@ def render_page(s: Snapshot, failures: list[str], rates: list[tuple[float, float
     f = {k: html.escape(v) for k, v in _fields(s, failures, rates).items()}
     problems = "".join(f"<li>{html.escape(x)}</li>" for x in failures)
     script = _SCRIPT % {"step": RATE_STEP, "text": orjson.dumps(STATE_TEXT).decode(),
-                        "cls": orjson.dumps(STATE_CLASS).decode()}
+                        "cls": orjson.dumps(STATE_CLASS).decode(),
+                        "vcls": orjson.dumps(VERDICT_CLASS).decode()}
     state_cls = STATE_CLASS.get(s.uplink_state, "warn")
     return f"""<!doctype html><html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width,initial-scale=1">
 <noscript><meta http-equiv="refresh" content="5"></noscript>
 <title>OpenHQM gateway — {f["verdict"]}</title><style>{_STYLE}</style></head><body>
-<header class="{'' if not failures else 'down'}">
+<header class="{VERDICT_CLASS[f["verdict"]]}">
 <h1>OpenHQM Edge Gateway — <span id="verdict">{f["verdict"]}</span></h1></header>
 <main><ul id="problems">{problems}</ul><div class="grid">
 <section><h2>Uplink (<span id="uplink-type">{f["uplink-type"]}</span>)</h2>

@@ -90,6 +90,14 @@ def test_status_page_in_headless_chromium(tmp_path: Path, mosquitto: ServerProce
         pub.wait_all_acked(40)
         wait_until(lambda: status(base)["snapshot"]["counters"]["uplinked"] == 40, 15,
                    "40 uplinked")
+        # Before the first 10 s rate sample: online, OK, and no rates yet.
+        first = parse_dom(dump_dom(browser, tmp_path / "profile", f"{base}/")).text
+        assert first["updated"].startswith("live, updated ")
+        assert (first["verdict"], first["uplink-state"]) == ("OK", "online")
+        assert first["uplinked"] == "40" and first["depth"] == "0"
+        if not status(base)["rates"]:
+            assert first["recv-1"] == first["upl-5"] == "—"
+            assert "collecting" in first["chart"]
         redis.stop()  # the uplink is cut: what arrives now stays in the buffer
         for n in range(25):
             pub.publish(f"{root}/t", b"late%d" % n)
