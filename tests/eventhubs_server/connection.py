@@ -97,6 +97,9 @@ class Session:
     remote_incoming_window: int = 0
     incoming: dict[int, IncomingLink] = field(default_factory=dict)
     outgoing: dict[int, OutgoingLink] = field(default_factory=dict)
+    # handles we refused (attach + detach with error), until the client's detach arrives
+    refused: dict[int, tuple[str, str]] = field(default_factory=dict)
+    refused_delivery: dict[int, tuple[int, bool]] = field(default_factory=dict)  # id, settled
 
 
 class Connection:
@@ -275,19 +278,22 @@ class Connection:
             self._write(encode_frame(session.channel, "attach", reply))
             condition, description = problem or ("amqp:not-found", f"no node {address!r}")
             log.info("refusing link %r: %s %s", address, condition, description)
+            session.refused[handle] = (condition, description)
             self._write(encode_frame(session.channel, "detach",
                                      [UInt(handle), True, error(condition, description)]))
             return
         self._write(encode_frame(session.channel, "attach", reply))
-        if role:  # client receives
+        if role and isinstance(node, OutgoingNode):  # the client receives
             settled = values[3] is None or int(values[3]) != 0
-            link = OutgoingLink(str(name), handle, node, settled)  # type: ignore[arg-type]
+            link = OutgoingLink(str(name), handle, node, settled)
             session.outgoing[handle] = link
-            node.bind(link.wake.set)  # type: ignore[union-attr]
+            node.bind(link.wake.set)
             link.task = asyncio.create_task(self._pump(session, link))
-        else:
-            session.incoming[handle] = IncomingLink(str(name), handle, node)  # type: ignore[arg-type]
+        elif not role and isinstance(node, IncomingNode):
+            session.incoming[handle] = IncomingLink(str(name), handle, node)
             self._send_flow(session, handle, LINK_CREDIT, 0)
+        else:
+            raise FrameError("amqp:internal-error", f"node {node!r} for role {role}")
 
     def _on_detach(self, session: Session, values: list[Any]) -> None:
         handle = int(values[0])
@@ -297,6 +303,8 @@ class Connection:
             if out.task:
                 out.task.cancel()
         known = out is not None or session.incoming.pop(handle, None) is not None
+        session.refused.pop(handle, None)
+        session.refused_delivery.pop(handle, None)
         if known:  # else it answers a detach of ours
             self._write(encode_frame(session.channel, "detach", [UInt(handle), True, None]))
 
@@ -354,6 +362,17 @@ class Connection:
         session.next_incoming_id += 1
         session.incoming_window -= 1
         link = session.incoming.get(int(values[0]))
+        if link is None and int(values[0]) in session.refused:
+            # sent before the client saw our refusal: reject it with the refusal's error
+            handle = int(values[0])
+            if values[1] is not None:  # first frame of a delivery
+                session.refused_delivery[handle] = (int(values[1]), bool(values[4]))
+            delivery_id, settled = session.refused_delivery.get(handle, (0, True))
+            if not values[5] and not settled:
+                self._write(encode_frame(session.channel, "disposition", [
+                    True, uint(delivery_id), uint(delivery_id), True,
+                    outcome(REJECTED, error(*session.refused[handle])), False]))
+            return
         if link is None:
             raise FrameError("amqp:session:unattached-handle", f"transfer on handle {values[0]}")
         if link.partial is None:

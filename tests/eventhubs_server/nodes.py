@@ -125,8 +125,10 @@ class RequestNode(IncomingNode):
         reply = Message(
             properties=[None, None, request.property(4), None, None, request.property(0)]
             + [None] * (PROPERTIES_FIELDS - 6),
+            # the SDK asks for "status-description" but its link reads "statusDescription"
             application_properties={"status-code": Int(status),
-                                    "status-description": description},
+                                    "status-description": description,
+                                    "statusDescription": description},
             body=[(AMQP_VALUE, body)])
         link = self.connection.find_reply_link(self.address, text(request.property(4)))
         if link is None:

@@ -62,6 +62,7 @@ class Hub:
     partitions: dict[str, Partition]
     created_at: datetime
     round_robin: int = 0
+    arrivals: list[StoredEvent] = field(default_factory=list)  # every partition, in order
     rejections: list[tuple[str, str]] = field(default_factory=list)
 
 
@@ -118,6 +119,7 @@ class Store:
                     partition_key=event.partition_key, message_id=event.message_id,
                     content_type=event.content_type, correlation_id=event.correlation_id)
                 partition.events.append(record)
+                hub.arrivals.append(record)
                 partition.next_offset += event.size
                 stored.append(record)
             self._cond.notify_all()
@@ -133,15 +135,13 @@ class Store:
                 if partition_id not in found.partitions:
                     raise KeyError(f"hub {hub!r} has no partition {partition_id!r}")
                 return list(found.partitions[partition_id].events)
-            every = [e for p in found.partitions.values() for e in p.events]
-        return sorted(every, key=lambda e: (e.enqueued_time, int(e.partition_id),
-                                            e.sequence_number))
+            return list(found.arrivals)
 
     def wait_for_events(self, hub: str, count: int, timeout: float) -> list[StoredEvent]:
         deadline = time.monotonic() + timeout
         with self._cond:
             found = self._require(hub)
-            while (have := sum(len(p.events) for p in found.partitions.values())) < count:
+            while (have := len(found.arrivals)) < count:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise TimeoutError(

@@ -210,12 +210,17 @@ async def test_rejected_send_raises_and_stores_nothing(
     assert [e.body for e in eventhubs_server.events(hub)] == [b"accepted"]
 
 
-async def test_unknown_hub_fails(eventhubs_server: EventHubsServer) -> None:
+async def test_unknown_hub_and_partition_fail(eventhubs_server: EventHubsServer,
+                                              hub: str) -> None:
     async with producer(eventhubs_server, "no-such-hub", retry_total=0) as client:
-        with pytest.raises(EventHubError):
+        with pytest.raises(EventHubError, match="no-such-hub"):
             await client.send_event(EventData(b"lost"))
-        with pytest.raises(EventHubError):
+        with pytest.raises(EventHubError, match="404.*no event hub 'no-such-hub'"):
             await client.get_eventhub_properties()
+    async with producer(eventhubs_server, hub, retry_total=0) as client:
+        with pytest.raises(EventHubError, match="has no partition '7'"):
+            await client.get_partition_properties("7")
+    assert eventhubs_server.events(hub) == []
 
 
 # The SDK does not close the socket of the connection the outage broke (checked: the
