@@ -215,7 +215,7 @@ async def test_unknown_hub_and_partition_fail(eventhubs_server: EventHubsServer,
     async with producer(eventhubs_server, "no-such-hub", retry_total=0) as client:
         with pytest.raises(EventHubError, match="no-such-hub"):
             await client.send_event(EventData(b"lost"))
-        with pytest.raises(EventHubError, match="404.*no event hub 'no-such-hub'"):
+        with pytest.raises(EventHubError, match=r"404.*no event hub 'no-such-hub'"):
             await client.get_eventhub_properties()
     async with producer(eventhubs_server, hub, retry_total=0) as client:
         with pytest.raises(EventHubError, match="has no partition '7'"):
