@@ -36,8 +36,15 @@ def test_a_save_replaces_the_file_atomically(tmp_path: Path, monkeypatch: pytest
     file.save("0", Checkpoint(1))
     calls: list[str] = []
     real_fsync, real_replace = os.fsync, os.replace
-    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append("fsync"), real_fsync(fd))[1])
-    monkeypatch.setattr(os, "replace", lambda a, b: (calls.append("replace"), real_replace(a, b))[1])
+    def fsync(fd: int) -> None:
+        calls.append("fsync")
+        real_fsync(fd)
+
+    def replace(a: str, b: str) -> None:
+        calls.append("replace")
+        real_replace(a, b)
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
     file.save("0", Checkpoint(2))
     assert calls == ["fsync", "replace", "fsync"]  # data, rename, directory
 

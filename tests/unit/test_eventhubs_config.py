@@ -90,7 +90,7 @@ def test_the_blob_checkpoint_store_is_refused_with_a_clear_reason(tmp_path: Path
         create_backend(cfg)  # ... but `config check` (which builds the uplink) fails
 
 
-AAD = {"azure_eventhubs_credential": "default_azure_credential",
+AAD: dict[str, Any] = {"azure_eventhubs_credential": "default_azure_credential",
        "azure_eventhubs_fully_qualified_namespace": "ns-2.servicebus.windows.net"}
 
 

@@ -25,7 +25,7 @@ class Condition(Exception):
 
 
 def send_error(condition: bytes, description: bytes = b"refused") -> eh.EventDataSendError:
-    return eh.EventDataSendError("send failed", Condition(condition, description))  # type: ignore[arg-type]
+    return eh.EventDataSendError("send failed", Condition(condition, description))
 
 
 @pytest.mark.parametrize("exc", [
@@ -35,7 +35,7 @@ def send_error(condition: bytes, description: bytes = b"refused") -> eh.EventDat
     eh.ClientClosedError("closed"),
     ConnectionRefusedError(111, "refused"),
     TimeoutError(),
-    eh.EventHubError("no hub", Condition(b"amqp:not-found", b"The messaging entity could not be found")),  # type: ignore[arg-type]
+    eh.EventHubError("no hub", Condition(b"amqp:not-found", b"The messaging entity could not be found")),
 ])
 def test_unreachable_is_uplink_unavailable(exc: BaseException) -> None:
     error = translate(exc, "send to hub-a")

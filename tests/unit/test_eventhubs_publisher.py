@@ -49,7 +49,7 @@ def msg(topic: str, size: int = 10, **attrs: str) -> QueueMessage:
 async def publish(producer: RecordingProducer, messages: list[QueueMessage],
                   template: str = "{topic}") -> list[Any]:
     publisher = Publisher(KeyTemplate.parse(template), send_timeout=5.0)
-    return await publisher.publish_batch(producer, "hub", messages)  # type: ignore[arg-type]
+    return await publisher.publish_batch(producer, "hub", messages)
 
 
 async def test_one_batch_per_partition_key_in_input_order() -> None:
@@ -95,7 +95,7 @@ async def test_an_event_larger_than_the_hub_accepts_fails_alone() -> None:
 
 
 async def test_a_batch_the_service_refuses_as_too_large_is_split_to_find_the_guilty_one() -> None:
-    too_large = eh.EventDataSendError("send failed", Refusal(b"amqp:link:message-size-exceeded"))  # type: ignore[arg-type]
+    too_large = eh.EventDataSendError("send failed", Refusal(b"amqp:link:message-size-exceeded"))
     producer = RecordingProducer(failures=[too_large, None, too_large, None])
     batch = [msg("s/a"), msg("s/a"), msg("s/a")]
     results = await publish(producer, batch)
@@ -121,7 +121,7 @@ async def test_refused_credentials_never_dead_letter_messages() -> None:
 
 
 async def test_a_retryable_refusal_fails_its_key_and_the_others_go_on() -> None:
-    busy = eh.EventDataSendError("send failed", Refusal(b"com.microsoft:server-busy"))  # type: ignore[arg-type]
+    busy = eh.EventDataSendError("send failed", Refusal(b"com.microsoft:server-busy"))
     producer = RecordingProducer(max_size=1024, failures=[busy])
     batch = [msg("s/a", size=400), msg("s/a", size=400), msg("s/a", size=400), msg("s/b")]
     results = await publish(producer, batch)

@@ -43,6 +43,8 @@ def condition(exc: BaseException) -> str:
 
 
 def describe(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError) and not str(exc):
+        return "no answer in time (TimeoutError)"
     text = str(getattr(exc, "message", "") or exc).strip().replace("\n", " ")
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 

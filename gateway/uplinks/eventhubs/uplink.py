@@ -56,6 +56,8 @@ PROP_DLQ_REASON = "openhqm_dlq_reason"
 PROP_DLQ_SOURCE = "openhqm_dlq_source"
 _REWRITTEN = {ATTR_MESSAGE_ID, PROP_RETRY_COUNT, PROP_LAST_ERROR}
 _WHY = "Event Hubs are managed in Azure, not by clients"
+#: the SDK logs every AMQP state change at INFO; the gateway shows its warnings only
+_SDK_LOGGER = "azure.eventhub"
 
 
 @dataclass(eq=False)
@@ -88,6 +90,9 @@ class EventHubsQueue(MessageQueueInterface):
     def __init__(self, settings: EventHubsSettings, *, state_dir: str,
                  request_queue_name: str = "openhqm-requests") -> None:
         check_settings(settings)
+        sdk_log = logging.getLogger(_SDK_LOGGER)
+        if sdk_log.level == logging.NOTSET:
+            sdk_log.setLevel(logging.WARNING)
         self.settings = settings
         self.state_dir = state_dir
         self.request_queue_name = request_queue_name
