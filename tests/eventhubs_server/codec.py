@@ -22,6 +22,10 @@ class AmqpDecodeError(ValueError):
     """The bytes are not valid AMQP, or use a type this codec does not implement."""
 
 
+class AmqpNotImplemented(AmqpDecodeError):
+    """Valid AMQP, but a type this codec does not implement."""
+
+
 class Symbol(str):
     """An AMQP symbol (ASCII name), as opposed to a string."""
 
@@ -263,7 +267,7 @@ def _decode_body(code: int, data: bytes, pos: int) -> tuple[Any, int]:
         return _decode_compound(code, data, pos)
     if code in (0xE0, 0xF0):
         return _decode_array(code, data, pos)
-    raise AmqpDecodeError(f"AMQP type code 0x{code:02x} is not implemented by this server")
+    raise AmqpNotImplemented(f"AMQP type code 0x{code:02x} is not implemented by this server")
 
 
 def _decode_variable(code: int, data: bytes, pos: int) -> tuple[Any, int]:

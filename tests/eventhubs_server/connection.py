@@ -375,6 +375,8 @@ class Connection:
             return
         if link is None:
             raise FrameError("amqp:session:unattached-handle", f"transfer on handle {values[0]}")
+        if values[8]:
+            raise FrameError("amqp:not-implemented", "resuming deliveries is not implemented")
         if link.partial is None:
             if values[1] is None:
                 raise FrameError("amqp:decode-error", "first transfer frame without delivery-id")

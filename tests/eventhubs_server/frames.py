@@ -13,6 +13,7 @@ from typing import Any
 
 from tests.eventhubs_server.codec import (
     AmqpDecodeError,
+    AmqpNotImplemented,
     Described,
     Symbol,
     UInt,
@@ -53,6 +54,10 @@ class FrameError(Exception):
         super().__init__(f"{condition}: {description}")
         self.condition = condition
         self.description = description
+
+
+def _condition(exc: AmqpDecodeError) -> str:
+    return "amqp:not-implemented" if isinstance(exc, AmqpNotImplemented) else "amqp:decode-error"
 
 
 def descriptor_code(descriptor: Any) -> int | None:
@@ -128,7 +133,7 @@ def parse_frame(header: bytes, rest: bytes) -> Frame:
     try:
         performative, end = decode_at(body, 0)
     except AmqpDecodeError as exc:
-        raise FrameError("amqp:decode-error", str(exc)) from exc
+        raise FrameError(_condition(exc), str(exc)) from exc
     if not isinstance(performative, Described):
         raise FrameError("amqp:decode-error", "frame body is not a described performative")
     code = descriptor_code(performative.descriptor)
@@ -187,7 +192,7 @@ def decode_message(data: bytes) -> Message:
             else:
                 raise FrameError("amqp:decode-error", f"unknown message section {section!r:.80}")
     except AmqpDecodeError as exc:
-        raise FrameError("amqp:decode-error", f"bad message: {exc}") from exc
+        raise FrameError(_condition(exc), f"bad message: {exc}") from exc
     return message
 
 

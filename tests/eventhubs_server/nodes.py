@@ -253,23 +253,27 @@ class PartitionReceiveNode(OutgoingNode):
         self.metric = metric
         self.address = f"{hub.name}/Partitions/{partition.partition_id}"
         state, consumer_group, self.epoch = owner
-        self._owners = state.receivers.setdefault(
-            (hub.name, consumer_group, partition.partition_id), [])
+        self._changed = state.receivers_changed
+        with self._changed:
+            self._owners = state.receivers.setdefault(
+                (hub.name, consumer_group, partition.partition_id), [])
 
     def claim(self, evict: Callable[[], None]) -> bool:
         """Owner level (epoch) as Event Hubs has it: a receiver with an epoch takes the
         partition from receivers with a lower or equal epoch and from those without one;
         a receiver is refused while one with a higher epoch (or any epoch, if it has none)
         holds the partition."""
-        epochs = [epoch for epoch, _, _ in self._owners if epoch is not None]
-        if self.epoch is None and epochs:
-            return False
-        if self.epoch is not None and any(epoch > self.epoch for epoch in epochs):
-            return False
-        if self.epoch is not None:
-            for owner in list(self._owners):
-                owner[1]()  # detaches it with amqp:link:stolen; it leaves the list on close
-        self._owners.append((self.epoch, evict, self))
+        with self._changed:
+            epochs = [epoch for epoch, _, _ in self._owners if epoch is not None]
+            if self.epoch is None and epochs:
+                return False
+            if self.epoch is not None and any(epoch > self.epoch for epoch in epochs):
+                return False
+            evicted = list(self._owners) if self.epoch is not None else []
+            self._owners.append((self.epoch, evict, self))
+            self._changed.notify_all()
+        for owner in evicted:
+            owner[1]()  # detaches it with amqp:link:stolen and closes it (leaves the list)
         return True
 
     def bind(self, wake: Callable[[], None]) -> None:
@@ -278,7 +282,9 @@ class PartitionReceiveNode(OutgoingNode):
 
     def close(self) -> None:
         self.partition.listeners.discard(self._wake)
-        self._owners[:] = [owner for owner in self._owners if owner[2] is not self]
+        with self._changed:
+            self._owners[:] = [owner for owner in self._owners if owner[2] is not self]
+            self._changed.notify_all()
 
     def offered_capabilities(self) -> Any:
         return Array([Symbol(RUNTIME_METRIC)]) if self.metric else None

@@ -26,10 +26,11 @@ class ServerState:
     max_message_size: int
     consumer_groups: tuple[str, ...]
     cbs_tokens: list[str] = field(default_factory=list)
-    # (hub, consumer group, partition) -> (epoch, evict, node) of its receivers; loop thread only
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    # (hub, consumer group, partition) -> (epoch, evict, node) of its attached receivers
     receivers: dict[tuple[str, str, str], list[tuple[int | None, Callable[[], None], object]]] = \
         field(default_factory=dict)
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    receivers_changed: threading.Condition = field(default_factory=threading.Condition)
 
     def record_token(self, audience: str) -> None:
         with self.lock:
@@ -78,6 +79,8 @@ class EventHubsServer:
             return
         loop.call_soon_threadsafe(stopping.set)
         thread.join(10)
+        if thread.is_alive():
+            raise RuntimeError("the Event Hubs test server did not stop within 10 s")
         self._thread = self._loop = self._stopping = None
 
     def _run(self, ready: threading.Event, failure: list[BaseException]) -> None:
@@ -128,6 +131,20 @@ class EventHubsServer:
 
     def wait_for_events(self, hub: str, count: int, timeout: float = 10.0) -> list[StoredEvent]:
         return self._state.store.wait_for_events(hub, count, timeout)
+
+    def wait_for_receivers(self, hub: str, partition_id: str, count: int = 1, *,
+                           consumer_group: str = "$Default",
+                           timeout: float = 10.0) -> list[int | None]:
+        """Block until ``count`` receivers are attached to the partition; return their owner
+        levels (None: no epoch). Raises TimeoutError naming count/have."""
+        changed, key = self._state.receivers_changed, (hub, consumer_group, partition_id)
+        with changed:
+            if not changed.wait_for(lambda: len(self._state.receivers.get(key, [])) >= count,
+                                    timeout):
+                have = len(self._state.receivers.get(key, []))
+                raise TimeoutError(f"{hub}/{consumer_group}/{partition_id}: waited {timeout}s "
+                                   f"for {count} receivers, have {have}")
+            return [epoch for epoch, _, _ in self._state.receivers[key]]
 
     def reject_next_sends(self, hub: str, count: int,
                           condition: str = "com.microsoft:server-busy",

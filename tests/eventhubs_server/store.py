@@ -12,8 +12,10 @@ import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 @dataclass(frozen=True)
@@ -32,7 +34,7 @@ class StoredEvent:
 
     @property
     def enqueued_ms(self) -> int:
-        return int(self.enqueued_time.timestamp() * 1000)
+        return (self.enqueued_time - _EPOCH) // timedelta(milliseconds=1)
 
 
 @dataclass(frozen=True)

@@ -180,7 +180,8 @@ async def test_receiver_gets_new_events_and_partition_key(
         [before] = eventhubs_server.events(hub)
         pending = asyncio.create_task(receive(
             eventhubs_server, hub, before.partition_id, 2, starting_position="@latest"))
-        await asyncio.sleep(1.0)  # the receiver is attached before the events exist
+        # the receiver is attached before the events exist
+        await asyncio.to_thread(eventhubs_server.wait_for_receivers, hub, before.partition_id)
         await client.send_event(EventData(b"live-0"), partition_key="live-key")
         batch = await client.create_batch(partition_key="live-key")
         batch.add(EventData(b"live-1"))
@@ -281,14 +282,14 @@ async def test_higher_owner_level_takes_the_partition(eventhubs_server: EventHub
         task = asyncio.create_task(first.receive(
             ignore, partition_id="0", owner_level=0, on_error=on_error,
             starting_position="@latest"))
-        await asyncio.sleep(1.0)
+        assert await asyncio.to_thread(eventhubs_server.wait_for_receivers, hub, "0") == [0]
         assert errors == []
         async with producer(eventhubs_server, hub) as client:
             pending = asyncio.create_task(receive(
                 eventhubs_server, hub, "0", 1, starting_position="-1", owner_level=1))
-            await asyncio.sleep(1.0)
             await client.send_event(EventData(b"for the owner"), partition_id="0")
             [got] = await pending
+
     await task
     assert got.body_as_str() == "for the owner"
     assert any("owner level" in str(error) for error in errors), errors
