@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import urllib.request
 import uuid
 from collections import defaultdict
@@ -22,7 +23,7 @@ from typing import Any
 import orjson
 import pytest
 
-from gateway.errors import MessageRejected, RetryableError, UplinkUnavailable
+from gateway.errors import MessageRejected, PermanentError, RetryableError, UplinkUnavailable
 from gateway.message import ATTR_MESSAGE_ID, ATTR_MQTT_TOPIC, QueueMessage, new_message_id
 from gateway.queue.interface import PublishResult
 from gateway.uplinks.eventhubs.checkpoints import CheckpointFile
@@ -35,7 +36,7 @@ from gateway.uplinks.eventhubs.uplink import (
 )
 from tests.eventhubs_server import EventHubsServer, StoredEvent
 from tests.gateway_process import GatewayProcess, Publisher, gateway_config
-from tests.servers import ServerProcess, free_port, wait_until
+from tests.servers import IN_CI, ServerProcess, free_port, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -255,6 +256,101 @@ async def test_reject_to_the_dlq_hub_and_requeue_to_the_end_of_the_hub(
     assert dead.properties[PROP_DLQ_SOURCE].startswith(f"{hub}/")
     requeued = [e for e in eventhubs_server.events(hub) if PROP_RETRY_COUNT in e.properties]
     assert [(e.properties[ATTR_MESSAGE_ID], e.partition_key) for e in requeued] == [(retry.id, "s/a")]
+
+
+# -- checkpoints in Azure Blob Storage (Azurite) ------------------------------------------
+
+AZURITE = (Path(__file__).resolve().parents[2] / ".cache" / "azurite" / "node_modules" / ".bin"
+           / "azurite-blob")
+#: Azurite's well-known development account (public, documented by Microsoft)
+DEV_ACCOUNT = "devstoreaccount1"
+DEV_KEY = ("Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/"
+           "K1SZFPTOtr/KBHBeksoGMGw==")
+
+
+def _port_open(port: int) -> bool:
+    import socket
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.fixture(scope="module")
+def azurite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Azurite's blob service on a free loopback port (scripts/provision/eventhubs.sh), one
+    for this module; yields its storage connection string. Tests use their own containers."""
+    if not AZURITE.exists():
+        message = "azurite is not installed (bash scripts/provision/eventhubs.sh)"
+        if IN_CI:
+            pytest.fail(f"CI must run integration tests: {message}")
+        pytest.skip(message)
+    workdir = tmp_path_factory.mktemp("azurite")
+    port = free_port()
+    server = ServerProcess("azurite", [str(AZURITE), "--blobHost", "127.0.0.1", "--blobPort",
+                                       str(port), "--location", str(workdir), "--silent",
+                                       "--skipApiVersionCheck"],
+                           workdir, port, lambda s: _port_open(s.port))
+    server.start(timeout=30)
+    try:
+        yield (f"DefaultEndpointsProtocol=http;AccountName={DEV_ACCOUNT};AccountKey={DEV_KEY};"
+               f"BlobEndpoint=http://127.0.0.1:{port}/{DEV_ACCOUNT};")
+    finally:
+        server.stop(signal.SIGKILL)  # an emulator with nothing to keep; SIGTERM takes 10 s
+
+
+async def create_container(connection_string: str, name: str) -> Any:
+    """A BlobCheckpointStore on ``name``, after creating that container (operators do this
+    in Azure; the gateway does not create storage resources)."""
+    from azure.eventhub.extensions.checkpointstoreblobaio import BlobCheckpointStore
+
+    store = BlobCheckpointStore.from_connection_string(connection_string, name)
+    await store._container_client.create_container()
+    return store
+
+
+async def test_blob_checkpoints_survive_a_restart_in_the_sdk_layout(
+        eventhubs_server: EventHubsServer, azurite: str, tmp_path: Path) -> None:
+    hub = new_hub(eventhubs_server, 1)
+    container = f"gw-{uuid.uuid4().hex[:12]}"
+    store = await create_container(azurite, container)
+    blob = {"azure_eventhubs_checkpoint_store": azurite,
+            "azure_eventhubs_checkpoint_container": container}
+    namespace = f"127.0.0.1:{eventhubs_server.port}"
+    batch = [msg("s/a", f"e{i}".encode()) for i in range(4)]
+    try:
+        async with make_uplink(eventhubs_server, tmp_path / "one", hub, **blob) as queue:
+            assert all(r.ok for r in await queue.publish_batch(hub, batch))
+            async with Received(queue, hub) as received:
+                assert [m.id for m in await received.take(4)] == [m.id for m in batch]
+                for i in (0, 1, 3):  # e2 stays in flight
+                    assert await queue.acknowledge(batch[i].id) is True
+            assert await queue.get_queue_depth(hub) == 2
+        checkpoints = await store.list_checkpoints(namespace, hub, "$Default")
+        assert [(c["partition_id"], c["sequence_number"]) for c in checkpoints] == [("0", 1)]
+        assert not (tmp_path / "one" / "eventhubs" / "checkpoints").exists()  # not in a file
+
+        # another gateway (another state directory) continues from the blob checkpoints
+        async with make_uplink(eventhubs_server, tmp_path / "two", hub, **blob) as queue:
+            assert await queue.get_queue_depth(hub) == 2
+            async with Received(queue, hub) as received:
+                again = await received.take(2)
+                assert [m.id for m in again] == [batch[2].id, batch[3].id]
+                for m in again:
+                    assert await queue.acknowledge(m.id) is True
+            assert await queue.get_queue_depth(hub) == 0
+        checkpoints = await store.list_checkpoints(namespace, hub, "$Default")
+        assert [(c["partition_id"], c["sequence_number"]) for c in checkpoints] == [("0", 3)]
+    finally:
+        await store.close()
+
+
+async def test_a_missing_checkpoint_container_is_named(
+        eventhubs_server: EventHubsServer, azurite: str, hub: str, tmp_path: Path) -> None:
+    async with make_uplink(eventhubs_server, tmp_path, hub,
+                           azure_eventhubs_checkpoint_store=azurite,
+                           azure_eventhubs_checkpoint_container="nowhere") as queue:
+        with pytest.raises(PermanentError, match="container 'nowhere' does not exist"):
+            await queue.get_queue_depth(hub)
 
 
 # -- an outage under the running gateway daemon ---------------------------------------------

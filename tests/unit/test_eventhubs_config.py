@@ -16,6 +16,8 @@ from gateway.queue.registry import create_backend
 from gateway.uplinks.eventhubs.settings import EventHubsSettings
 from gateway.uplinks.eventhubs.uplink import EventHubsQueue
 
+STORAGE = ("DefaultEndpointsProtocol=https;AccountName=edge;AccountKey=a2V5;"
+           "EndpointSuffix=core.windows.net")
 CONN = ("Endpoint=sb://ns-1.servicebus.windows.net/;SharedAccessKeyName=send;"
         "SharedAccessKey=c2VjcmV0;EntityPath=telemetry")
 
@@ -59,8 +61,10 @@ def test_connection_string_is_masked_in_config_errors(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("overrides", "key"), [
-    ({"azure_eventhubs_checkpoint_store": "DefaultEndpointsProtocol=https;AccountName=a"},
+    ({"azure_eventhubs_checkpoint_store": "Endpoint=sb://not-storage/"},
      "queue.azure_eventhubs_checkpoint_store"),
+    ({"azure_eventhubs_checkpoint_store": STORAGE, "azure_eventhubs_checkpoint_container": "Bad_Name"},
+     "queue.azure_eventhubs_checkpoint_container"),
     ({"azure_eventhubs_connection_string": ""}, "queue.azure_eventhubs_connection_string"),
     ({"azure_eventhubs_partition_key": "{nope}"}, "queue.azure_eventhubs_partition_key"),
     ({"azure_eventhubs_partition_key": "{topic"}, "queue.azure_eventhubs_partition_key"),
@@ -78,16 +82,30 @@ def test_bad_settings_name_the_key(tmp_path: Path, overrides: dict[str, Any], ke
     with pytest.raises(ConfigError) as info:
         EventHubsQueue(settings, state_dir=str(tmp_path))
     assert info.value.key == key
+    assert "a2V5" not in str(info.value) and "c2VjcmV0" not in str(info.value)  # keys hidden
 
 
-def test_the_blob_checkpoint_store_is_refused_with_a_clear_reason(tmp_path: Path) -> None:
+def test_the_seed_checkpoint_store_key_selects_blob_checkpoints(tmp_path: Path) -> None:
     path = tmp_path / "gateway.yaml"
     path.write_text("queue:\n  type: azure_eventhubs\n"
                     f"  azure_eventhubs_connection_string: \"{CONN}\"\n"
-                    "  azure_eventhubs_checkpoint_store: \"DefaultEndpointsProtocol=https;...\"\n")
-    cfg = load_config(str(path), {})  # the seed's key parses ...
-    with pytest.raises(ConfigError, match="blob checkpoint store is not available in this build"):
-        create_backend(cfg)  # ... but `config check` (which builds the uplink) fails
+                    f"  azure_eventhubs_checkpoint_store: \"{STORAGE}\"\n")
+    env = {"OPENHQM_QUEUE__AZURE_EVENTHUBS_CHECKPOINT_CONTAINER": "edge-checkpoints"}
+    backend = create_backend(load_config(str(path), env))
+    assert isinstance(backend, EventHubsQueue)
+    assert backend.settings.azure_eventhubs_checkpoint_store == STORAGE
+    assert backend.settings.azure_eventhubs_checkpoint_container == "edge-checkpoints"
+
+
+def test_blob_checkpoints_without_their_package_are_a_config_error(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "azure.eventhub.extensions.checkpointstoreblobaio", None)
+    with pytest.raises(ConfigError, match="azure-eventhub-checkpointstoreblob-aio") as info:
+        EventHubsQueue(EventHubsSettings(azure_eventhubs_connection_string=CONN,
+                                         azure_eventhubs_checkpoint_store=STORAGE),
+                       state_dir=str(tmp_path))  # building it: what `config check` does
+    assert info.value.key == "queue.azure_eventhubs_checkpoint_store"
+    assert "AccountKey" not in str(info.value)  # the connection string stays hidden
 
 
 AAD: dict[str, Any] = {"azure_eventhubs_credential": "default_azure_credential",

@@ -18,13 +18,14 @@ object a line, to ``<state_dir>/eventhubs/dead-letters.jsonl`` (fsynced).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import os
 import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
@@ -105,6 +106,34 @@ class CheckpointFile:
             raise RetryableError(f"cannot write the checkpoint file {self.path}: {exc}",
                                  backend=BACKEND) from exc
         self.checkpoints = updated
+
+
+class Checkpoints(Protocol):
+    """Where one hub's checkpoints of one consumer group live (file or blob store)."""
+
+    @property
+    def checkpoints(self) -> dict[str, Checkpoint]: ...
+
+    async def load(self) -> dict[str, Checkpoint]: ...
+
+    async def save(self, partition_id: str, checkpoint: Checkpoint) -> None: ...
+
+
+class FileCheckpoints:
+    """CheckpointFile for the event loop: its blocking I/O runs in a thread."""
+
+    def __init__(self, file: CheckpointFile) -> None:
+        self.file = file
+
+    @property
+    def checkpoints(self) -> dict[str, Checkpoint]:
+        return self.file.checkpoints
+
+    async def load(self) -> dict[str, Checkpoint]:
+        return await asyncio.to_thread(self.file.load)
+
+    async def save(self, partition_id: str, checkpoint: Checkpoint) -> None:
+        await asyncio.to_thread(self.file.save, partition_id, checkpoint)
 
 
 @dataclass

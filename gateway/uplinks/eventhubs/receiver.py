@@ -20,6 +20,7 @@ from azure.eventhub import EventData
 from azure.eventhub.aio import EventHubConsumerClient
 
 from gateway.errors import QueueError
+from gateway.message import encode_body
 from gateway.uplinks.eventhubs.errors import translate
 
 log = logging.getLogger("gateway.uplinks.eventhubs")
@@ -81,3 +82,21 @@ class Receiver:
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+def text(value: Any) -> str:
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value).decode("utf-8", "replace")
+    return str(value)
+
+
+def event_body(event: EventData) -> bytes:
+    body = event.body
+    if isinstance(body, bytes):
+        return body
+    if isinstance(body, str):
+        return body.encode("utf-8")
+    try:
+        return b"".join(bytes(part) for part in body)
+    except TypeError:
+        return encode_body(str(body))

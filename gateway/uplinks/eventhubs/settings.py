@@ -7,6 +7,7 @@ Imports no SDK. docs/uplinks/eventhubs.md explains each key.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
@@ -14,6 +15,7 @@ from gateway.errors import ConfigError
 from gateway.settings import DURATION, secret
 from gateway.uplinks.kafka.keys import KeyTemplate
 
+_CONTAINER = re.compile(r"[a-z0-9](?:[a-z0-9]|-(?=[a-z0-9])){2,62}")
 Credential = Literal["connection_string", "default_azure_credential"]
 
 
@@ -28,9 +30,12 @@ class EventHubsSettings:
     azure_eventhubs_name: str = ""
     #: consume() reads as this consumer group; checkpoints are kept per group
     azure_eventhubs_consumer_group: str = "$Default"
-    #: a blob storage connection string for checkpoints. Not available in this build: setting
-    #: it fails `config check` (checkpoints go to a file in gateway.state_dir instead)
+    #: a storage account connection string: checkpoints go to Azure Blob Storage (the SDK's
+    #: blob layout, shared with SDK consumers of the same group). Unset = a checkpoint file
+    #: in gateway.state_dir
     azure_eventhubs_checkpoint_store: str | None = secret(None)
+    #: the blob container of the checkpoints (it must exist)
+    azure_eventhubs_checkpoint_container: str = "openhqm-checkpoints"
 
     #: how the gateway authenticates: the connection string's shared access key, or Azure AD
     #: through azure-identity's DefaultAzureCredential (managed identity, workload identity,
@@ -58,10 +63,16 @@ class EventHubsSettings:
 
 def check_settings(s: EventHubsSettings) -> None:
     """What can be checked without the SDK or the network; ConfigError naming the key."""
-    if s.azure_eventhubs_checkpoint_store:
-        raise ConfigError("queue.azure_eventhubs_checkpoint_store", s.azure_eventhubs_checkpoint_store,
-                          "the blob checkpoint store is not available in this build; leave it "
-                          "unset: checkpoints are kept in a file in gateway.state_dir")
+    if s.azure_eventhubs_checkpoint_store is not None:
+        if "blobendpoint=" not in s.azure_eventhubs_checkpoint_store.lower() and \
+                "accountname=" not in s.azure_eventhubs_checkpoint_store.lower():
+            raise ConfigError("queue.azure_eventhubs_checkpoint_store", "<hidden>",
+                              "not a storage account connection string "
+                              "(DefaultEndpointsProtocol=https;AccountName=...;AccountKey=...)")
+        if not _CONTAINER.fullmatch(s.azure_eventhubs_checkpoint_container):
+            raise ConfigError("queue.azure_eventhubs_checkpoint_container",
+                              s.azure_eventhubs_checkpoint_container,
+                              "a blob container name: 3-63 of a-z, 0-9 and '-'")
     if s.azure_eventhubs_credential == "connection_string":
         if not s.azure_eventhubs_connection_string:
             raise ConfigError("queue.azure_eventhubs_connection_string", "",

@@ -6,7 +6,7 @@ How MessageQueueInterface maps onto Event Hubs (queue name = hub name; the gatew
 - publish/publish_batch: ``publisher``. One long-lived EventHubProducerClient per hub.
 - consume: ``receiver`` reads every partition of the hub as ``azure_eventhubs_consumer_group``.
   An event stays in flight until acknowledge or reject. acknowledge = checkpoint: a
-  partition's checkpoint (``checkpoints``, a file in gateway.state_dir) moves only up to
+  partition's checkpoint (a file in gateway.state_dir, or Blob Storage) moves only up to
   the event before its lowest one still in flight, so a restart redelivers every event not
   settled (at-least-once) and out-of-order acknowledgements never skip one.
 - reject(requeue=True) sends a copy to the end of the hub (same partition key, properties,
@@ -35,15 +35,18 @@ from gateway.config import Config
 from gateway.errors import MessageRejected, NotSupportedError, QueueError, UplinkUnavailable
 from gateway.message import ATTR_MESSAGE_ID, Body, QueueMessage, encode_body, new_message_id
 from gateway.queue.interface import Handler, MessageQueueInterface, PublishResult
+from gateway.uplinks.eventhubs.blobstore import BlobCheckpoints, blob_module, open_blob_store
 from gateway.uplinks.eventhubs.checkpoints import (
     CheckpointFile,
+    Checkpoints,
+    FileCheckpoints,
     PartitionState,
     append_dead_letter,
 )
 from gateway.uplinks.eventhubs.clients import ClientFactory, entity_path, load_credential, namespace_of
 from gateway.uplinks.eventhubs.errors import BACKEND, translate
 from gateway.uplinks.eventhubs.publisher import Publisher, make_event
-from gateway.uplinks.eventhubs.receiver import Receiver
+from gateway.uplinks.eventhubs.receiver import Receiver, event_body, text
 from gateway.uplinks.eventhubs.settings import EventHubsSettings, check_settings
 from gateway.uplinks.kafka.keys import KeyTemplate
 
@@ -63,7 +66,7 @@ _SDK_LOGGER = "azure.eventhub"
 @dataclass(eq=False)
 class _Hub:
     name: str
-    file: CheckpointFile
+    store: Checkpoints
     partitions: dict[str, PartitionState] = field(default_factory=dict)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -71,7 +74,7 @@ class _Hub:
         state = self.partitions.get(partition_id)
         if state is None:
             state = self.partitions[partition_id] = PartitionState.from_checkpoint(
-                self.file.checkpoints.get(partition_id))
+                self.store.checkpoints.get(partition_id))
         return state
 
 
@@ -102,12 +105,15 @@ class EventHubsQueue(MessageQueueInterface):
         self.key = KeyTemplate.parse(settings.azure_eventhubs_partition_key,
                                      "queue.azure_eventhubs_partition_key")
         self.clients = ClientFactory(settings, load_credential(settings))
+        if settings.azure_eventhubs_checkpoint_store:
+            blob_module()  # a missing package fails `config check`, not the first ack
         self.publisher = Publisher(self.key, send_timeout=settings.azure_eventhubs_send_timeout)
         self._connected = False
         self._producers: dict[str, EventHubProducerClient] = {}
         self._hubs: dict[str, _Hub] = {}
         self._in_flight: dict[str, list[_InFlight]] = {}
         self._receivers: set[Receiver] = set()
+        self._blob_store: Any = None
         self._closing: set[asyncio.Task[None]] = set()
         #: partition ids per hub (a hub's partition count never shrinks)
         self._partition_ids: dict[str, list[str]] = {}
@@ -127,6 +133,9 @@ class EventHubsQueue(MessageQueueInterface):
         if self._connected:
             return
         self._connected = True
+        if self.settings.azure_eventhubs_checkpoint_store:
+            self._blob_store = open_blob_store(self.settings.azure_eventhubs_checkpoint_store,
+                                               self.settings.azure_eventhubs_checkpoint_container)
         try:
             props = await self._management(self.default_hub, "get_eventhub_properties")
         except BaseException:
@@ -142,6 +151,14 @@ class EventHubsQueue(MessageQueueInterface):
         closing, self._closing = list(self._closing), set()
         await asyncio.gather(*closing, return_exceptions=True)
         self._in_flight.clear()
+        self._hubs.clear()  # positions restart from the checkpoints: in flight is redelivered
+        blob_store, self._blob_store = self._blob_store, None
+        if blob_store is not None:
+            try:
+                async with asyncio.timeout(self.settings.azure_eventhubs_request_timeout):
+                    await blob_store.close()
+            except Exception as exc:
+                log.debug("eventhubs: closing the checkpoint store: %s", exc)
         producers, self._producers = list(self._producers.values()), {}
         for producer in producers:
             try:
@@ -237,10 +254,17 @@ class EventHubsQueue(MessageQueueInterface):
     async def _hub(self, hub: str) -> _Hub:
         state = self._hubs.get(hub)
         if state is None:
-            file = CheckpointFile.for_hub(self.state_dir, self.namespace, hub,
-                                          self.settings.azure_eventhubs_consumer_group)
-            await asyncio.to_thread(file.load)
-            state = self._hubs.setdefault(hub, _Hub(hub, file))
+            group = self.settings.azure_eventhubs_consumer_group
+            store: Checkpoints
+            if self._blob_store is not None:
+                store = BlobCheckpoints(self._blob_store,
+                                        self.settings.azure_eventhubs_checkpoint_container,
+                                        self.namespace, hub, group)
+            else:
+                store = FileCheckpoints(CheckpointFile.for_hub(self.state_dir, self.namespace,
+                                                               hub, group))
+            await store.load()
+            state = self._hubs.setdefault(hub, _Hub(hub, store))
         return state
 
     async def consume(self, queue_name: str, handler: Handler, batch_size: int = 10,
@@ -288,18 +312,18 @@ class EventHubsQueue(MessageQueueInterface):
         start = state.start()
         if sequence is None or (start is not None and sequence < start):
             return None  # handed out before (the SDK re-read after an error)
-        attrs = {_text(k): _text(v) for k, v in (event.properties or {}).items()}
+        attrs = {text(k): text(v) for k, v in (event.properties or {}).items()}
         retries = attrs.pop(PROP_RETRY_COUNT, "0")
         attrs.pop(PROP_LAST_ERROR, None)
         msg_id = attrs.pop(ATTR_MESSAGE_ID, "") or f"{hub.name}-{partition_id}-{sequence}"
         enqueued = event.enqueued_time
-        msg = QueueMessage(msg_id, _body(event), attrs,
+        msg = QueueMessage(msg_id, event_body(event), attrs,
                            enqueued.timestamp() if isinstance(enqueued, datetime) else 0.0,
                            int(retries) if retries.isdigit() else 0, event)
         state.delivered(sequence, str(event.offset or ""))
         key = event.partition_key
         self._in_flight.setdefault(msg_id, []).append(_InFlight(
-            hub, partition_id, sequence, _text(key) if key is not None else None, msg))
+            hub, partition_id, sequence, text(key) if key is not None else None, msg))
         return msg
 
     def _take(self, message_id: str) -> _InFlight | None:
@@ -360,7 +384,7 @@ class EventHubsQueue(MessageQueueInterface):
             checkpoint = state.pending()
             if checkpoint is None:
                 return
-            await asyncio.to_thread(entry.hub.file.save, entry.partition_id, checkpoint)
+            await entry.hub.store.save(entry.partition_id, checkpoint)
             state.checkpointed(checkpoint)
 
     # -- depth and administration -------------------------------------------------------
@@ -390,20 +414,3 @@ class EventHubsQueue(MessageQueueInterface):
     async def purge_queue(self, queue_name: str) -> int:
         raise NotSupportedError(BACKEND, "purge_queue", _WHY)
 
-
-def _text(value: Any) -> str:
-    if isinstance(value, bytes | bytearray | memoryview):
-        return bytes(value).decode("utf-8", "replace")
-    return str(value)
-
-
-def _body(event: EventData) -> bytes:
-    body = event.body
-    if isinstance(body, bytes):
-        return body
-    if isinstance(body, str):
-        return body.encode("utf-8")
-    try:
-        return b"".join(bytes(part) for part in body)
-    except TypeError:
-        return encode_body(str(body))
