@@ -82,3 +82,16 @@ def test_server_busy_keeps_its_condition_as_code() -> None:
 def test_gateway_errors_pass_through() -> None:
     original = MessageRejected("x", backend="azure_eventhubs")
     assert translate(original) is original
+
+
+def test_checkpoint_store_errors() -> None:
+    from azure.core import exceptions as az
+
+    from gateway.uplinks.eventhubs.blobstore import _translate
+
+    missing = _translate(az.ResourceNotFoundError("ContainerNotFound"), "list", "edge-cp")
+    assert type(missing) is PermanentError and "container 'edge-cp' does not exist" in str(missing)
+    refused = _translate(az.ClientAuthenticationError("bad signature"), "save", "c")
+    assert type(refused) is PermanentError and "refused the credentials" in str(refused)
+    assert type(_translate(az.ServiceRequestError("connection refused"), "save", "c")) is UplinkUnavailable
+    assert type(_translate(az.HttpResponseError("500"), "save", "c")) is RetryableError
