@@ -339,17 +339,16 @@ class Connection:
         remote_next_incoming = session.next_outgoing_id if values[0] is None else int(values[0])
         session.remote_incoming_window = remote_next_incoming + int(values[1]) \
             - session.next_outgoing_id
+        for waiting in session.outgoing.values():  # the session window may have opened
+            waiting.wake.set()
         handle = values[4]
         if handle is None:
-            for waiting in session.outgoing.values():
-                waiting.wake.set()
             return
         out = session.outgoing.get(int(handle))
         if out is not None:
             their_count = out.delivery_count if values[5] is None else int(values[5])
             out.credit = max(0, their_count + int(values[6] or 0) - out.delivery_count)
             out.drain = bool(values[8])
-            out.wake.set()
             if values[9]:  # echo
                 self._send_flow(session, out.handle, out.credit, out.delivery_count)
         elif int(handle) in session.incoming and values[9]:
