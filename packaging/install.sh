@@ -75,7 +75,10 @@ if [ "$installed" = "install ok installed $(dpkg-deb -f "$deb" Version)" ]; then
     reinstall=(--reinstall)
   fi
 fi
-apt-get install -y --no-install-recommends "${reinstall[@]}" "$deb"
+# An edited /etc/openhqm-gateway/gateway.yaml is kept without asking; a changed sample lands
+# beside it as gateway.yaml.dpkg-dist.
+apt-get install -y --no-install-recommends -o Dpkg::Options::=--force-confdef \
+  -o Dpkg::Options::=--force-confold "${reinstall[@]}" "$deb"
 
 echo
 echo "Installed $(dpkg-query -W -f='${Package} ${Version}' openhqm-gateway)."
