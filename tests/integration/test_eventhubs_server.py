@@ -35,7 +35,7 @@ pytestmark = pytest.mark.integration
 azure_eventhub = pytest.importorskip("azure.eventhub")
 from azure.eventhub import EventData  # noqa: E402
 from azure.eventhub.aio import EventHubConsumerClient, EventHubProducerClient  # noqa: E402
-from azure.eventhub.exceptions import EventHubError  # noqa: E402
+from azure.eventhub.exceptions import EventDataSendError, EventHubError  # noqa: E402
 
 _names = itertools.count()
 
@@ -196,8 +196,11 @@ async def test_receiver_gets_new_events_and_partition_key(
 
 async def test_too_large_event_is_refused(eventhubs_server: EventHubsServer, hub: str) -> None:
     async with producer(eventhubs_server, hub) as client:
-        with pytest.raises((ValueError, EventHubError)):
+        # the SDK sends it; the server rejects it with amqp:link:message-size-exceeded
+        with pytest.raises(EventDataSendError, match="message larger than 1048576 bytes"):
             await client.send_event(EventData(b"x" * (1024 * 1024 + 1)))
+        batch = await client.create_batch()
+        assert batch.max_size_in_bytes == 1024 * 1024  # from the attach's max-message-size
         await client.send_event(EventData(b"small"))
     assert [e.body for e in eventhubs_server.events(hub)] == [b"small"]
 
