@@ -128,6 +128,9 @@ class Connection:
             self._write(encode_frame(0, "close", [error(exc.condition, exc.description)]))
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
+        except Exception as exc:  # a server bug: say so on the wire and in the log
+            log.exception("closing connection after an internal error")
+            self._write(encode_frame(0, "close", [error("amqp:internal-error", repr(exc))]))
         finally:
             await self._teardown()
 

@@ -80,6 +80,8 @@ def fields(value: Any, length: int) -> list[Any]:
         items = []
     if not isinstance(items, list):
         raise FrameError("amqp:decode-error", "a composite type is not encoded as a list")
+    if len(items) > length:
+        raise FrameError("amqp:decode-error", f"{len(items)} fields where {length} are defined")
     return list(items) + [None] * max(0, length - len(items))
 
 

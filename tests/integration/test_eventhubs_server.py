@@ -28,11 +28,12 @@ from tests.eventhubs_server.frames import (
     encode_frame,
     parse_frame,
 )
-from tests.servers import free_port
+from tests.servers import IN_CI, free_port
 
 pytestmark = pytest.mark.integration
 
-azure_eventhub = pytest.importorskip("azure.eventhub")
+if not IN_CI:  # CI installs the test extra; there a missing SDK must fail, not skip
+    pytest.importorskip("azure.eventhub")
 from azure.eventhub import EventData  # noqa: E402
 from azure.eventhub.aio import EventHubConsumerClient, EventHubProducerClient  # noqa: E402
 from azure.eventhub.exceptions import EventDataSendError, EventHubError  # noqa: E402
