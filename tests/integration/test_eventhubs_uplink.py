@@ -235,6 +235,28 @@ async def test_checkpoints_survive_a_restart_and_never_skip_an_unacknowledged_ev
     assert file.load()["0"].sequence_number == 5
 
 
+async def test_an_acknowledge_whose_checkpoint_cannot_be_written_stays_in_flight(
+        uplink: EventHubsQueue, hub: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    mid = await uplink.publish(hub, b"once", attributes={ATTR_MQTT_TOPIC: "s/a"})
+    real_save = CheckpointFile.save
+    calls: list[int] = []
+
+    def save(self: CheckpointFile, partition_id: str, checkpoint: Any) -> None:
+        calls.append(checkpoint.sequence_number)
+        if len(calls) == 1:
+            raise RetryableError("disk full (injected)")
+        real_save(self, partition_id, checkpoint)
+    monkeypatch.setattr(CheckpointFile, "save", save)
+    async with Received(uplink, hub) as received:
+        assert [m.id for m in await received.take(1)] == [mid]
+        with pytest.raises(RetryableError, match="injected"):
+            await uplink.acknowledge(mid)
+        assert await uplink.acknowledge(mid) is True  # still in flight: the retry checkpoints
+        assert await uplink.acknowledge(mid) is False
+    assert calls == [0, 0]
+    assert await uplink.get_queue_depth(hub) == 0
+
+
 async def test_reject_to_the_dlq_hub_and_requeue_to_the_end_of_the_hub(
         eventhubs_server: EventHubsServer, hub: str, tmp_path: Path) -> None:
     dlq = new_hub(eventhubs_server, 1)

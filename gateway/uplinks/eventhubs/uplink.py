@@ -34,6 +34,7 @@ from azure.eventhub.aio import EventHubProducerClient
 from gateway.config import Config
 from gateway.errors import MessageRejected, NotSupportedError, QueueError, UplinkUnavailable
 from gateway.message import ATTR_MESSAGE_ID, Body, QueueMessage, encode_body, new_message_id
+from gateway.queue.inflight import InFlight
 from gateway.queue.interface import Handler, MessageQueueInterface, PublishResult
 from gateway.uplinks.eventhubs.blobstore import BlobCheckpoints, blob_module, open_blob_store
 from gateway.uplinks.eventhubs.checkpoints import (
@@ -111,7 +112,8 @@ class EventHubsQueue(MessageQueueInterface):
         self._connected = False
         self._producers: dict[str, EventHubProducerClient] = {}
         self._hubs: dict[str, _Hub] = {}
-        self._in_flight: dict[str, list[_InFlight]] = {}
+        self._in_flight: InFlight[_InFlight] = InFlight(
+            lambda r: (r.hub.name, r.partition_id, r.sequence_number))
         self._receivers: set[Receiver] = set()
         self._blob_store: Any = None
         self._closing: set[asyncio.Task[None]] = set()
@@ -322,37 +324,18 @@ class EventHubsQueue(MessageQueueInterface):
                            int(retries) if retries.isdigit() else 0, event)
         state.delivered(sequence, str(event.offset or ""))
         key = event.partition_key
-        self._in_flight.setdefault(msg_id, []).append(_InFlight(
+        self._in_flight.track(msg_id, _InFlight(
             hub, partition_id, sequence, text(key) if key is not None else None, msg))
         return msg
 
-    def _take(self, message_id: str) -> _InFlight | None:
-        entries = self._in_flight.get(message_id)
-        if not entries:
-            return None
-        entry = entries.pop(0)
-        if not entries:
-            del self._in_flight[message_id]
-        return entry
-
     async def acknowledge(self, message_id: str) -> bool:
-        entry = self._take(message_id)
-        if entry is None:
-            return False
-        await self._settle(entry)
-        return True
+        return await self._in_flight.settle(message_id, self._settle)
 
     async def reject(self, message_id: str, requeue: bool = True, reason: str = "") -> bool:
-        entry = self._take(message_id)
-        if entry is None:
-            return False
-        try:
+        async def move(entry: _InFlight) -> bool:
             await self._move(entry, requeue, reason)
-        except BaseException:
-            self._in_flight.setdefault(message_id, []).insert(0, entry)  # still ours
-            raise
-        await self._settle(entry)
-        return True
+            return await self._settle(entry)
+        return await self._in_flight.settle(message_id, move)
 
     async def _move(self, entry: _InFlight, requeue: bool, reason: str) -> None:
         msg = entry.message
@@ -377,15 +360,16 @@ class EventHubsQueue(MessageQueueInterface):
                   "reason": reason, "properties": props}
         await asyncio.to_thread(append_dead_letter, self.state_dir, record, msg.body)
 
-    async def _settle(self, entry: _InFlight) -> None:
+    async def _settle(self, entry: _InFlight) -> bool:
+        """Done with this event: move the partition's checkpoint as far as it may go."""
         state = entry.hub.partition(entry.partition_id)
         state.settle(entry.sequence_number)
         async with entry.hub.lock:
             checkpoint = state.pending()
-            if checkpoint is None:
-                return
-            await entry.hub.store.save(entry.partition_id, checkpoint)
-            state.checkpointed(checkpoint)
+            if checkpoint is not None:
+                await entry.hub.store.save(entry.partition_id, checkpoint)
+                state.checkpointed(checkpoint)
+        return True
 
     # -- depth and administration -------------------------------------------------------
 
