@@ -80,8 +80,19 @@ if [ -f "$tarball" ]; then
 else
   step "debootstrap --arch=arm64 $SUITE (no cache yet; a few minutes)"
   t0=$(date +%s)
-  debootstrap --arch=arm64 --variant=minbase --include="$INCLUDE" "$SUITE" "$root" "$MIRROR" \
-    > "$work/debootstrap.log" 2>&1 || { tail -30 "$work/debootstrap.log" >&2; exit 1; }
+  for attempt in 1 2; do   # a second try for a mirror that hiccuped
+    if debootstrap --arch=arm64 --variant=minbase --include="$INCLUDE" "$SUITE" "$root" "$MIRROR" \
+        > "$work/debootstrap.log" 2>&1; then
+      break
+    fi
+    tail -30 "$work/debootstrap.log" >&2
+    for m in "$root/proc" "$root/sys"; do
+      if mountpoint -q "$m"; then umount -l "$m"; fi
+    done
+    [ "$attempt" = 1 ] || exit 1
+    echo "debootstrap failed; trying once more" >&2
+    rm -rf --one-file-system "$root" && mkdir -p "$root"
+  done
   # debootstrap leaves its proc mount behind on some hosts.
   if mountpoint -q "$root/proc"; then umount -l "$root/proc"; fi
   apt-get -o Dir="$root" clean >/dev/null 2>&1 || rm -f "$root"/var/cache/apt/archives/*.deb
