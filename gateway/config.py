@@ -3,7 +3,9 @@
 Parsed once into frozen dataclasses; nothing downstream reads raw dicts.
 
 - The file is YAML. ``${VAR}`` and ``${VAR:-default}`` in string values are expanded from
-  the environment (keep secrets out of the file this way).
+  the environment (keep secrets out of the file this way). ``${credential:NAME}`` reads the
+  systemd credential NAME (``LoadCredential=``, from ``$CREDENTIALS_DIRECTORY``) and
+  ``${file:/path}`` reads a file; one trailing newline is dropped.
 - Environment variables ``OPENHQM_<SECTION>__<KEY>[__<KEY>...]`` override the file;
   ``__`` is the nesting delimiter and names are case-insensitive:
   ``OPENHQM_QUEUE__TYPE=redis``, ``OPENHQM_QUEUE__REDIS_URL=redis://...``,
@@ -212,7 +214,31 @@ def _read_yaml(path: str, env: Mapping[str, str]) -> dict[str, Any]:
     return expanded
 
 
-_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_VAR = re.compile(r"\$\{(?:(credential|file):([^}]+)|([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?)\}")
+
+
+def _read_secret(kind: str, ref: str, env: Mapping[str, str], *, key: str, value: str,
+                 source: str) -> str:
+    if kind == "credential":
+        directory = env.get("CREDENTIALS_DIRECTORY")
+        if not directory:
+            raise ConfigError(key, value, f"credential {ref!r} asked for, but CREDENTIALS_DIRECTORY "
+                              "is not set (run under systemd with LoadCredential=)", source)
+        if "/" in ref or ref in (".", ".."):
+            raise ConfigError(key, value, f"credential name {ref!r} must not contain '/'", source)
+        path = os.path.join(directory, ref)
+    else:
+        path = ref
+        if not os.path.isabs(path):
+            raise ConfigError(key, value, f"${{file:...}} needs an absolute path, got {ref!r}",
+                              source)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(key, value, f"cannot read {kind} {ref!r} ({path}): {exc}",
+                          source) from exc
+    return text[:-1] if text.endswith("\n") else text
 
 
 def _expand(value: Any, env: Mapping[str, str], key: str, source: str) -> Any:
@@ -222,7 +248,9 @@ def _expand(value: Any, env: Mapping[str, str], key: str, source: str) -> Any:
         return [_expand(v, env, f"{key}[{i}]", source) for i, v in enumerate(value)]
     if isinstance(value, str) and "${" in value:
         def sub(match: re.Match[str]) -> str:
-            name, default = match.group(1), match.group(2)
+            kind, ref, name, default = match.groups()
+            if kind is not None:  # one pass: what a secret file holds is never expanded
+                return _read_secret(kind, ref, env, key=key, value=value, source=source)
             if name in env:
                 return env[name]
             if default is not None:

@@ -155,6 +155,26 @@ def test_variable_expansion(tmp_path: Path) -> None:
         load_config(path, {})
 
 
+def test_secrets_from_systemd_credentials_and_files(tmp_path: Path) -> None:
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "mqtt-password").write_text("pa${HOME}ss\n")  # read verbatim, never expanded
+    (tmp_path / "user").write_text("gw-user")
+    path = write(tmp_path, "ingress:\n  password: ${credential:mqtt-password}\n"
+                           f"  username: ${{file:{tmp_path / 'user'}}}\n")
+    cfg = load_config(path, {"CREDENTIALS_DIRECTORY": str(creds), "HOME": "/root"})
+    assert (cfg.ingress.password, cfg.ingress.username) == ("pa${HOME}ss", "gw-user")
+    with pytest.raises(ConfigError, match="CREDENTIALS_DIRECTORY is not set") as info:
+        load_config(path, {})
+    assert info.value.key == "ingress.password"
+    (creds / "mqtt-password").unlink()
+    with pytest.raises(ConfigError, match="cannot read credential 'mqtt-password'"):
+        load_config(path, {"CREDENTIALS_DIRECTORY": str(creds)})
+    relative = write(tmp_path, "ingress:\n  password: ${file:secret.txt}\n")
+    with pytest.raises(ConfigError, match="absolute path"):
+        load_config(relative, {})
+
+
 def test_invalid_yaml(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(write(tmp_path, "queue: [unclosed\n"), {})
