@@ -25,7 +25,15 @@ What happens:
    cannot vary per message: the gateway sends ~70 more bytes per message.
 5. Both topics' high watermarks are checked against N.
 
-Prints both rates and the ratio gateway / kcat (target >= 0.5).
+Two ceilings are measured in the same run, to show where the gateway's time goes:
+
+- ``librdkafka``: confluent-kafka's Producer alone (the client the uplink uses) producing
+  the same N messages with the gateway's keys and headers (message id, MQTT topic) and a
+  delivery report per message, from Python, to a third topic.
+- ``store only``: the same Forwarder draining N stored messages into an uplink that
+  accepts everything at once (no network): the cost of lease + settle in SQLite.
+
+Prints the rates and the ratio gateway / kcat (target >= 0.5).
 """
 
 from __future__ import annotations
@@ -48,7 +56,8 @@ from aiokafka.structs import TopicPartition
 
 from gateway.config import Config, ForwarderConfig, QueueConfig, StoreConfig
 from gateway.forwarder import UPLINK_QUEUE, Forwarder
-from gateway.message import new_message_id
+from gateway.message import ATTR_MESSAGE_ID, ATTR_MQTT_TOPIC, QueueMessage, new_message_id
+from gateway.queue.interface import PublishResult
 from gateway.store.records import NewMessage
 from gateway.store.store import Store
 from gateway.uplinks.kafka.settings import KafkaSettings
@@ -111,20 +120,87 @@ async def create_topics(bootstrap: str, args: argparse.Namespace, *topics: str) 
             await admin.create_queue(topic, partitions=args.partitions)
 
 
+def run_librdkafka(bootstrap: str, topic: str, messages: list[NewMessage],
+                   compression: str) -> float:
+    """confluent-kafka's Producer alone: the gateway's keys and headers, a report each."""
+    from confluent_kafka import Producer
+
+    producer = Producer({"bootstrap.servers": bootstrap, "acks": "all",
+                         "enable.idempotence": True, "linger.ms": 5,
+                         "compression.type": compression, "partitioner": "murmur2_random"})
+    delivered = [0]
+
+    def report(err: object, _msg: object) -> None:
+        if err is None:
+            delivered[0] += 1
+
+    started = time.perf_counter()
+    for i, m in enumerate(messages):
+        headers = [(ATTR_MESSAGE_ID, m.id.encode()), (ATTR_MQTT_TOPIC, m.topic.encode())]
+        producer.produce(topic, m.payload, m.topic.split("/")[1].encode(), headers=headers,
+                         on_delivery=report)
+        if i % 1000 == 999:
+            producer.poll(0)
+    producer.flush(60)
+    elapsed = time.perf_counter() - started
+    if delivered[0] != len(messages):
+        sys.exit(f"librdkafka delivered {delivered[0]} of {len(messages)}")
+    return elapsed
+
+
+class AcceptAll:
+    """An uplink that accepts every message at once: the forwarder and store alone."""
+
+    backend_name = "accept-all"
+
+    async def publish_batch(self, queue_name: str,
+                            messages: list[QueueMessage]) -> list[PublishResult]:
+        return [PublishResult(m.id) for m in messages]
+
+
+def store_config(workdir: Path, name: str, n: int, args: argparse.Namespace) -> StoreConfig:
+    return StoreConfig(path=str(workdir / name), durability=args.durability,
+                       max_messages=n * 2, max_bytes=1024**3)
+
+
+async def fill(store: Store, messages: list[NewMessage]) -> None:
+    for start in range(0, len(messages), 5000):
+        await store.append(UPLINK_QUEUE, messages[start:start + 5000])
+    assert await store.depth(UPLINK_QUEUE) == len(messages)
+
+
+async def store_only_drain(messages: list[NewMessage], args: argparse.Namespace,
+                           workdir: Path) -> float:
+    config = Config(store=store_config(workdir, "store-only.db", len(messages), args),
+                    forwarder=ForwarderConfig(batch_size=args.batch_size),
+                    queue=QueueConfig(type="kafka", request_queue_name="none"))
+    store = Store(config.store_path, config.store)
+    await store.open()
+    try:
+        await fill(store, messages)
+        forwarder = Forwarder(store, AcceptAll(), config)  # type: ignore[arg-type]
+        started = time.perf_counter()
+        while await forwarder.drain_once():
+            pass
+        await forwarder.flush()
+        elapsed = time.perf_counter() - started
+        assert await store.depth(UPLINK_QUEUE) == 0
+        return elapsed
+    finally:
+        await store.close()
+
+
 async def gateway_drain(bootstrap: str, topic: str, messages: list[NewMessage],
                         args: argparse.Namespace, workdir: Path) -> tuple[float, Forwarder]:
     config = Config(
-        store=StoreConfig(path=str(workdir / "store.db"), durability=args.durability,
-                          max_messages=len(messages) * 2, max_bytes=1024**3),
+        store=store_config(workdir, "store.db", len(messages), args),
         forwarder=ForwarderConfig(batch_size=args.batch_size),
         queue=QueueConfig(type="kafka", request_queue_name=topic,
                           settings=settings(bootstrap, args)))
     store = Store(config.store_path, config.store)
     await store.open()
     try:
-        for start in range(0, len(messages), 5000):
-            await store.append(UPLINK_QUEUE, messages[start:start + 5000])
-        assert await store.depth(UPLINK_QUEUE) == len(messages)
+        await fill(store, messages)
         uplink = KafkaQueue.from_config(config)
         forwarder = Forwarder(store, uplink, config)
         started = time.perf_counter()
@@ -145,13 +221,17 @@ async def gateway_drain(bootstrap: str, topic: str, messages: list[NewMessage],
 async def bench(bootstrap: str, args: argparse.Namespace, workdir: Path) -> None:
     run = uuid.uuid4().hex[:8]
     kcat_topic, gw_topic, warm_topic = f"bench-kcat-{run}", f"bench-gw-{run}", f"warm-{run}"
-    await create_topics(bootstrap, args, kcat_topic, gw_topic, warm_topic)
+    rd_topic = f"bench-rd-{run}"
+    await create_topics(bootstrap, args, kcat_topic, gw_topic, warm_topic, rd_topic)
     messages = make_messages(args.messages)
     lines = workdir / "messages.tsv"
     write_kcat_input(lines, messages)
     run_kcat(bootstrap, warm_topic, lines, args.compression)  # JIT and page cache warm-up
     kcat_seconds = run_kcat(bootstrap, kcat_topic, lines, args.compression)
     gw_seconds, forwarder = await gateway_drain(bootstrap, gw_topic, messages, args, workdir)
+    rd_seconds = await asyncio.to_thread(run_librdkafka, bootstrap, rd_topic, messages,
+                                         args.compression)
+    store_seconds = await store_only_drain(messages, args, workdir)
     kcat_count = await high_watermark(bootstrap, kcat_topic)
     gw_count = await high_watermark(bootstrap, gw_topic)
     n = args.messages
@@ -162,6 +242,9 @@ async def bench(bootstrap: str, args: argparse.Namespace, workdir: Path) -> None
     print(f"kcat -P : {kcat_seconds:7.2f} s  {kcat_rate:10,.0f} msg/s  (topic holds {kcat_count})")
     print(f"gateway : {gw_seconds:7.2f} s  {gw_rate:10,.0f} msg/s  (topic holds {gw_count}, "
           f"{forwarder.stats.batches} batches, {forwarder.stats.dead_lettered} dead-lettered)")
+    print(f"ceilings: librdkafka from Python {n / rd_seconds:10,.0f} msg/s "
+          f"({kcat_seconds / rd_seconds:.2f} of kcat); store lease+settle alone "
+          f"{n / store_seconds:10,.0f} msg/s ({kcat_seconds / store_seconds:.2f} of kcat)")
     print(f"ratio gateway / kcat: {gw_rate / kcat_rate:.2f}  (target >= 0.5)")
     if kcat_count != n or gw_count != n:
         sys.exit(f"count mismatch: kcat {kcat_count}, gateway {gw_count}, expected {n}")

@@ -142,7 +142,7 @@ async def test_one_key_keeps_its_order_in_one_partition(
             batch = [sensor(d, round_ * 100 + n) for n in range(100) for d in devices]
             results = await queue.publish_batch(topic, batch)
             assert [r.message_id for r in results] == [m.id for m in batch]
-            assert all(r.ok for r in results)
+            assert all(r.ok for r in results), {str(r.error) for r in results if not r.ok}
     records = await read_all(kafka_broker, topic)
     assert len(records) == 3 * 100 * len(devices)
     partitions: dict[bytes, set[int]] = defaultdict(set)

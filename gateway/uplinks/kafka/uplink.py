@@ -2,7 +2,8 @@
 
 How MessageQueueInterface maps onto Kafka (queue name = topic):
 
-- publish/publish_batch: see ``publisher``. Every record carries the gateway message id,
+- publish/publish_batch: see ``publisher`` (librdkafka through confluent-kafka; consume
+  and the admin calls use aiokafka). Every record carries the gateway message id,
   the MQTT topic and all attributes as headers; its key comes from ``kafka_message_key``.
   The producer is idempotent with acks=all by default.
 - consume: one consumer per topic in ``kafka_consumer_group``, auto-commit off. A message
@@ -30,16 +31,15 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Self, TypeVar
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
 from aiokafka import errors as ke
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic, RecordsToDelete
-from aiokafka.codec import has_lz4, has_zstd
 from aiokafka.helpers import create_ssl_context
 from aiokafka.structs import TopicPartition
+from confluent_kafka import KafkaException
 
 from gateway.config import Config
 from gateway.errors import (
-    BackendNotInstalled,
     ConfigError,
     NotSupportedError,
     UplinkUnavailable,
@@ -113,7 +113,6 @@ class KafkaQueue(MessageQueueInterface):
         self.dlq_name = dlq_name
         self.key = KeyTemplate.parse(settings.kafka_message_key)
         _check_settings(settings)
-        self._producer: AIOKafkaProducer | None = None
         self._admin: AIOKafkaAdminClient | None = None
         self._probe: AIOKafkaConsumer | None = None
         self._publisher: Publisher | None = None
@@ -158,94 +157,110 @@ class KafkaQueue(MessageQueueInterface):
         context.check_hostname = s.kafka_ssl_check_hostname
         return context
 
-    def _new_producer(self) -> AIOKafkaProducer:
+    def producer_config(self) -> dict[str, Any]:
+        """The librdkafka properties of the producer (docs/uplinks/kafka.md has the table)."""
         s = self.settings
-        return AIOKafkaProducer(
-            **self._common(), acks=s.kafka_acks if s.kafka_acks == "all" else int(s.kafka_acks),
-            enable_idempotence=s.kafka_enable_idempotence,
-            compression_type=None if s.kafka_compression == "none" else s.kafka_compression,
-            linger_ms=int(s.kafka_linger * 1000), max_batch_size=s.kafka_batch_size,
-            max_request_size=s.kafka_max_request_size)
+        servers = s.kafka_bootstrap_servers
+        if not isinstance(servers, str):
+            servers = ",".join(servers)
+        conf: dict[str, Any] = {
+            "bootstrap.servers": ",".join(p.strip() for p in servers.split(",") if p.strip()),
+            "client.id": self.client_id,
+            "security.protocol": s.kafka_security_protocol,
+            "acks": s.kafka_acks,
+            "enable.idempotence": s.kafka_enable_idempotence,
+            "compression.type": s.kafka_compression,
+            "linger.ms": s.kafka_linger * 1000,
+            "batch.size": s.kafka_batch_size,
+            "message.max.bytes": s.kafka_max_request_size,
+            "request.timeout.ms": int(s.kafka_request_timeout * 1000),
+            "socket.timeout.ms": int(s.kafka_request_timeout * 1000),
+            "message.timeout.ms": max(1, int(s.kafka_delivery_timeout * 1000)),
+            "partitioner": "murmur2_random",
+            "allow.auto.create.topics": False,
+            "reconnect.backoff.max.ms": 1000,
+            "logger": logging.getLogger("gateway.uplinks.kafka.librdkafka"),
+        }
+        if s.kafka_security_protocol.startswith("SASL"):
+            conf.update({"sasl.mechanism": s.kafka_sasl_mechanism,
+                         "sasl.username": s.kafka_sasl_username or "",
+                         "sasl.password": s.kafka_sasl_password or ""})
+        if s.kafka_security_protocol.endswith("SSL"):
+            conf["ssl.ca.location"] = s.kafka_ssl_ca_file or "probe"
+            if s.kafka_ssl_cert_file:
+                conf["ssl.certificate.location"] = s.kafka_ssl_cert_file
+            if s.kafka_ssl_key_file:
+                conf["ssl.key.location"] = s.kafka_ssl_key_file
+            if s.kafka_ssl_key_password:
+                conf["ssl.key.password"] = s.kafka_ssl_key_password
+            conf["ssl.endpoint.identification.algorithm"] = (
+                "https" if s.kafka_ssl_check_hostname else "none")
+        return conf
 
-    def _new_publisher(self, producer: AIOKafkaProducer) -> Publisher:
+    def _new_publisher(self) -> Publisher:
         s = self.settings
-        return Publisher(
-            producer, self.key, max_request_size=s.kafka_max_request_size,
-            delivery_timeout=s.kafka_delivery_timeout,
-            metadata_timeout=min(s.kafka_request_timeout, s.kafka_delivery_timeout),
-            create_topic=self.create_queue if s.kafka_auto_create_topics else None)
+        try:
+            return Publisher(
+                self.producer_config(), self.key, max_request_size=s.kafka_max_request_size,
+                delivery_timeout=s.kafka_delivery_timeout,
+                metadata_timeout=min(s.kafka_request_timeout, s.kafka_delivery_timeout),
+                create_topic=self.create_queue if s.kafka_auto_create_topics else None)
+        except KafkaException as exc:  # librdkafka refused the configuration
+            raise ConfigError("queue.kafka_*", "", f"the Kafka producer refused its "
+                              f"configuration: {exc.args[0]}") from None
 
     async def connect(self) -> None:
-        if self._producer is not None:
+        if self._publisher is not None:
             return
         s = self.settings
         common = self._common()
-        producer = self._new_producer()
         admin = AIOKafkaAdminClient(**common)
         probe = AIOKafkaConsumer(**common, group_id=None, enable_auto_commit=False)
         try:
             async with asyncio.timeout(s.kafka_request_timeout):
                 await admin.start()
-                await producer.start()
                 await probe.start()
         except (*_KAFKA_ERRORS, TimeoutError) as exc:
-            await _close_quietly(producer, admin, probe)
+            await _close_quietly(admin, probe)
             raise translate(exc, "connect") from exc
         except BaseException:
-            await _close_quietly(producer, admin, probe)
+            await _close_quietly(admin, probe)
             raise
-        self._producer, self._admin, self._probe = producer, admin, probe
-        self._publisher = self._new_publisher(producer)
+        try:
+            publisher = self._new_publisher()
+        except BaseException:
+            await _close_quietly(admin, probe)
+            raise
+        self._admin, self._probe, self._publisher = admin, probe, publisher
         if s.kafka_create_topics:
             for topic in s.kafka_topics:
                 await self.create_queue(topic)
 
     async def _renew_producer(self) -> None:
-        """Replace a producer that lost its idempotence state (a new producer id)."""
-        old = self._producer
-        log.warning("kafka: replacing the producer after a sequence/epoch error")
-        producer = self._new_producer()
-        try:
-            await asyncio.wait_for(producer.start(), self.settings.kafka_request_timeout)
-        except (*_KAFKA_ERRORS, TimeoutError) as exc:
-            await _close_quietly(producer)
-            raise translate(exc, "restart producer") from exc
-        topics = self._publisher.topics if self._publisher is not None else set()
-        self._producer, self._publisher = producer, self._new_publisher(producer)
-        self._publisher.topics |= topics
+        """Replace a producer that lost its idempotence state (a fatal librdkafka error)."""
+        old = self._publisher
+        log.warning("kafka: replacing the producer after a fatal error")
+        self._publisher = self._new_publisher()
         if old is not None:
-            await self._stop_producer(old)
+            self._publisher.topics |= old.topics
+            await old.close(0.0)
 
     async def disconnect(self) -> None:
         subs, self._subs = list(self._subs.values()), {}
         self._in_flight.clear()
         for sub in subs:
             await _close_quietly(sub.consumer)
-        producer, self._producer = self._producer, None
-        if producer is not None:
-            await self._stop_producer(producer)
+        publisher, self._publisher = self._publisher, None
+        if publisher is not None:
+            await publisher.close(self.settings.kafka_delivery_timeout)
         admin, probe = self._admin, self._probe
         self._admin = self._probe = None
-        self._publisher = None
         await _close_quietly(admin, probe)
 
-    async def _stop_producer(self, producer: AIOKafkaProducer) -> None:
-        try:
-            await asyncio.wait_for(producer.flush(), self.settings.kafka_delivery_timeout)
-        except (TimeoutError, *_KAFKA_ERRORS):
-            # aiokafka has no public call to drop what it still holds for a broker that is
-            # gone; those messages are still in the gateway's store and will be sent again.
-            accumulator = getattr(producer, "_message_accumulator", None)
-            if accumulator is not None:
-                accumulator.fail_all(ke.KafkaConnectionError("uplink disconnected"))
-            log.warning("kafka: closing the producer with unacknowledged messages; "
-                        "they stay buffered and are sent again")
-        await _close_quietly(producer)
-
-    def _require(self) -> tuple[AIOKafkaProducer, AIOKafkaAdminClient, AIOKafkaConsumer]:
-        if self._producer is None or self._admin is None or self._probe is None:
+    def _require(self) -> tuple[Publisher, AIOKafkaAdminClient, AIOKafkaConsumer]:
+        if self._publisher is None or self._admin is None or self._probe is None:
             raise UplinkUnavailable("not connected", backend=BACKEND)
-        return self._producer, self._admin, self._probe
+        return self._publisher, self._admin, self._probe
 
     async def health_check(self) -> bool:
         if self._admin is None:
@@ -387,14 +402,8 @@ class KafkaQueue(MessageQueueInterface):
         return True
 
     async def _send_copy(self, topic: str, key: bytes | None, body: bytes, headers: Headers) -> None:
-        producer, _, _ = self._require()
-        assert self._publisher is not None
-        try:
-            async with asyncio.timeout(self.settings.kafka_delivery_timeout):
-                await self._publisher.ensure_topic(topic)
-                await producer.send_and_wait(topic, body, key=key, headers=headers)
-        except (*_KAFKA_ERRORS, TimeoutError) as exc:
-            raise translate(exc, f"re-publish to {topic}") from exc
+        publisher, _, _ = self._require()
+        await publisher.send_one(topic, key, body, headers)
 
     async def _settle(self, entry: _InFlight) -> None:
         offsets = entry.sub.offsets.get(entry.tp)
@@ -547,8 +556,6 @@ def _check_settings(s: KafkaSettings) -> None:
         raise ConfigError("queue.kafka_acks", s.kafka_acks,
                           "the idempotent producer needs acks 'all'; set "
                           "kafka_enable_idempotence: false to use 1 or 0")
-    if s.kafka_compression in ("lz4", "zstd") and not (has_lz4() and has_zstd()):
-        raise BackendNotInstalled(BACKEND, "kafka-compression", "cramjam")
     if s.kafka_batch_size > s.kafka_max_request_size:
         raise ConfigError("queue.kafka_batch_size", s.kafka_batch_size,
                           "must not exceed kafka_max_request_size")
