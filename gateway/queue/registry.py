@@ -29,7 +29,8 @@ class BackendSpec:
     settings: str  # "module:Class"
     implementation: str  # "module:Class"
     extra: str | None  # pip extra that brings the SDK
-    sdk_module: str | None  # top-level module whose absence means "not installed"
+    #: top-level modules (comma-separated) whose absence means "not installed"
+    sdk_module: str | None
 
 
 BACKENDS: dict[str, BackendSpec] = {
@@ -40,7 +41,8 @@ BACKENDS: dict[str, BackendSpec] = {
         BackendSpec("redis", "gateway.uplinks.redis.settings:RedisSettings",
                     "gateway.uplinks.redis.uplink:RedisStreamsQueue", "redis", "redis"),
         BackendSpec("kafka", "gateway.uplinks.kafka.settings:KafkaSettings",
-                    "gateway.uplinks.kafka.uplink:KafkaQueue", "kafka", "aiokafka"),
+                    "gateway.uplinks.kafka.uplink:KafkaQueue", "kafka",
+                    "confluent_kafka,aiokafka"),
         BackendSpec("sqs", "gateway.uplinks.sqs.settings:SqsSettings",
                     "gateway.uplinks.sqs.uplink:SqsQueue", "sqs", "aioboto3"),
         BackendSpec("azure_eventhubs", "gateway.uplinks.eventhubs.settings:EventHubsSettings",
@@ -93,8 +95,9 @@ def settings_class(type_name: str, source: str = "") -> type[Any]:
 def create_backend(config: Config) -> MessageQueueInterface:
     """Instantiate the configured uplink. Does no I/O: call ``connect()`` next."""
     spec = spec_for(config.queue.type, config.source)
-    if spec.sdk_module is not None and importlib.util.find_spec(spec.sdk_module.split(".")[0]) is None:
-        raise BackendNotInstalled(spec.type_name, spec.extra or spec.type_name, spec.sdk_module)
+    for module in (spec.sdk_module or "").split(","):
+        if module and importlib.util.find_spec(module.split(".")[0]) is None:
+            raise BackendNotInstalled(spec.type_name, spec.extra or spec.type_name, module)
     try:
         cls = _load(spec.implementation)
     except ModuleNotFoundError as exc:

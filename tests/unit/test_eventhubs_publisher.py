@@ -10,8 +10,8 @@ from azure.eventhub import exceptions as eh
 
 from gateway.errors import MessageRejected, RetryableError, UplinkUnavailable
 from gateway.message import ATTR_MESSAGE_ID, ATTR_MQTT_TOPIC, QueueMessage, new_message_id
+from gateway.queue.keys import KeyTemplate
 from gateway.uplinks.eventhubs.publisher import Publisher, event_properties, partition_key
-from gateway.uplinks.kafka.keys import KeyTemplate
 
 
 class Refusal(Exception):

@@ -30,7 +30,7 @@ from typing import Any, Protocol
 import orjson
 
 from gateway.errors import PermanentError, RetryableError
-from gateway.uplinks.kafka.offsets import PartitionOffsets
+from gateway.queue.offsets import PartitionOffsets
 
 BACKEND = "azure_eventhubs"
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from typing import Any
 
 from azure.eventhub import EventData, EventDataBatch
 from azure.eventhub.aio import EventHubProducerClient
@@ -35,13 +36,14 @@ from gateway.errors import (
 )
 from gateway.message import ATTR_CONTENT_TYPE, ATTR_MESSAGE_ID, QueueMessage
 from gateway.queue.interface import PublishResult
+from gateway.queue.keys import KeyTemplate
 from gateway.uplinks.eventhubs.errors import BACKEND, translate
-from gateway.uplinks.kafka.keys import KeyTemplate
 
 
 def make_event(body: bytes, properties: dict[str, str], message_id: str) -> EventData:
     event = EventData(body)
-    event.properties = dict(properties)
+    props: dict[str | bytes, Any] = {k: v for k, v in properties.items()}
+    event.properties = props
     event.message_id = message_id
     content_type = properties.get(ATTR_CONTENT_TYPE)
     if content_type:

@@ -96,7 +96,8 @@ def event_body(event: EventData) -> bytes:
         return body
     if isinstance(body, str):
         return body.encode("utf-8")
+    parts: Any = body  # a list of data sections for a multi-section event
     try:
-        return b"".join(bytes(part) for part in body)
+        return b"".join(bytes(part) for part in parts)
     except TypeError:
         return encode_body(str(body))

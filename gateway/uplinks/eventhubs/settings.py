@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from typing import Annotated, Literal
 
 from gateway.errors import ConfigError
+from gateway.queue.keys import KeyTemplate
 from gateway.settings import DURATION, secret
-from gateway.uplinks.kafka.keys import KeyTemplate
 
 _CONTAINER = re.compile(r"[a-z0-9](?:[a-z0-9]|-(?=[a-z0-9])){2,62}")
 Credential = Literal["connection_string", "default_azure_credential"]

@@ -36,6 +36,7 @@ from gateway.errors import MessageRejected, NotSupportedError, QueueError, Uplin
 from gateway.message import ATTR_MESSAGE_ID, Body, QueueMessage, encode_body, new_message_id
 from gateway.queue.inflight import InFlight
 from gateway.queue.interface import Handler, MessageQueueInterface, PublishResult
+from gateway.queue.keys import KeyTemplate
 from gateway.uplinks.eventhubs.blobstore import BlobCheckpoints, blob_module, open_blob_store
 from gateway.uplinks.eventhubs.checkpoints import (
     CheckpointFile,
@@ -49,7 +50,6 @@ from gateway.uplinks.eventhubs.errors import BACKEND, translate
 from gateway.uplinks.eventhubs.publisher import Publisher, make_event
 from gateway.uplinks.eventhubs.receiver import Receiver, event_body, text
 from gateway.uplinks.eventhubs.settings import EventHubsSettings, check_settings
-from gateway.uplinks.kafka.keys import KeyTemplate
 
 log = logging.getLogger("gateway.uplinks.eventhubs")
 

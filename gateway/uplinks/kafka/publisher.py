@@ -39,8 +39,8 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 from gateway.errors import MessageRejected, QueueError, UplinkUnavailable
 from gateway.message import ATTR_MESSAGE_ID, QueueMessage
 from gateway.queue.interface import PublishResult
+from gateway.queue.keys import KeyTemplate
 from gateway.uplinks.kafka.errors import BACKEND, RECORD_REJECTED_CODES, translate_rd
-from gateway.uplinks.kafka.keys import KeyTemplate
 
 log = logging.getLogger("gateway.uplinks.kafka")
 

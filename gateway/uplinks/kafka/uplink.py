@@ -46,9 +46,9 @@ from gateway.errors import (
 )
 from gateway.message import ATTR_MESSAGE_ID, Body, QueueMessage, encode_body, new_message_id
 from gateway.queue.interface import Handler, MessageQueueInterface, PublishResult
+from gateway.queue.keys import KeyTemplate
+from gateway.queue.offsets import PartitionOffsets
 from gateway.uplinks.kafka.errors import BACKEND, translate
-from gateway.uplinks.kafka.keys import KeyTemplate
-from gateway.uplinks.kafka.offsets import PartitionOffsets
 from gateway.uplinks.kafka.publisher import Headers, Publisher
 from gateway.uplinks.kafka.settings import KafkaSettings
 

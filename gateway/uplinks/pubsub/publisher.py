@@ -26,7 +26,7 @@ from google.pubsub_v1 import PublisherClient as GapicPublisherClient
 
 from gateway.errors import MessageRejected, QueueError, RetryableError, UplinkUnavailable
 from gateway.message import ATTR_MESSAGE_ID, QueueMessage
-from gateway.uplinks.kafka.keys import KeyTemplate
+from gateway.queue.keys import KeyTemplate
 from gateway.uplinks.pubsub.errors import BACKEND, translate
 from gateway.uplinks.pubsub.settings import MAX_REQUEST_BYTES
 

@@ -53,7 +53,7 @@ from gateway.errors import (
 from gateway.message import ATTR_MESSAGE_ID, Body, QueueMessage, encode_body, new_message_id
 from gateway.queue.inflight import InFlight
 from gateway.queue.interface import Handler, MessageQueueInterface, PublishResult
-from gateway.uplinks.kafka.keys import KeyTemplate
+from gateway.queue.keys import KeyTemplate
 from gateway.uplinks.pubsub.clients import Clients, build_clients
 from gateway.uplinks.pubsub.errors import BACKEND, translate
 from gateway.uplinks.pubsub.publisher import (

@@ -71,7 +71,7 @@ from gateway.errors import (
 from gateway.message import Body, QueueMessage, encode_body, new_message_id
 from gateway.queue.inflight import InFlight
 from gateway.queue.interface import Handler, MessageQueueInterface, PublishResult
-from gateway.uplinks.kafka.keys import KeyTemplate
+from gateway.queue.keys import KeyTemplate
 from gateway.uplinks.sqs import codec
 from gateway.uplinks.sqs.errors import (
     BACKEND,

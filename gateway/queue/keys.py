@@ -1,7 +1,8 @@
-"""The record key template: which part of a message decides its Kafka partition.
+"""The key template: which part of a message decides its partition (Kafka record key, Event
+Hubs partition key, Pub/Sub ordering key, SQS FIFO message group).
 
-Kafka keeps order only within a partition, and the producer maps equal keys to the same
-partition. Keying by device (an MQTT topic level) keeps each device's messages in order.
+These backends keep order only among messages with the same key. Keying by device (an MQTT
+topic level) keeps each device's messages in order.
 
 Placeholders, anything else is literal text:
 
