@@ -36,7 +36,7 @@ from types import TracebackType
 from typing import Any, Self
 
 from gateway.errors import QueueError, UplinkUnavailable
-from gateway.message import Body, QueueMessage
+from gateway.message import Body, QueueMessage, encode_body, new_message_id
 
 Handler = Callable[[QueueMessage], Awaitable[None]]
 
@@ -123,6 +123,20 @@ class MessageQueueInterface(ABC):
 
     @abstractmethod
     async def purge_queue(self, queue_name: str) -> int: ...
+
+    async def _publish_one(self, queue_name: str, message: Body, priority: int,
+                           attributes: dict[str, str] | None, *, message_id: str | None,
+                           priority_attribute: str) -> str:
+        """``publish`` for a backend without native priorities: a batch of one message whose
+        priority travels as the attribute ``priority_attribute`` for consumers to read."""
+        attrs = dict(attributes or {})
+        if priority:
+            attrs[priority_attribute] = str(priority)
+        msg = QueueMessage(message_id or new_message_id(), encode_body(message), attrs)
+        (result,) = await self.publish_batch(queue_name, [msg])
+        if result.error is not None:
+            raise result.error
+        return msg.id
 
     async def __aenter__(self) -> Self:
         await self.connect()

@@ -33,7 +33,7 @@ from azure.eventhub.aio import EventHubProducerClient
 
 from gateway.config import Config
 from gateway.errors import MessageRejected, NotSupportedError, QueueError, UplinkUnavailable
-from gateway.message import ATTR_MESSAGE_ID, Body, QueueMessage, encode_body, new_message_id
+from gateway.message import ATTR_MESSAGE_ID, Body, QueueMessage
 from gateway.queue.inflight import InFlight
 from gateway.queue.interface import Handler, MessageQueueInterface, PublishResult
 from gateway.queue.keys import KeyTemplate
@@ -216,14 +216,8 @@ class EventHubsQueue(MessageQueueInterface):
                       message_id: str | None = None) -> str:
         if delay_seconds > 0:
             raise NotSupportedError(BACKEND, "delay_seconds", "Event Hubs has no delayed delivery")
-        attrs = dict(attributes or {})
-        if priority:
-            attrs[PROP_PRIORITY] = str(priority)
-        msg = QueueMessage(message_id or new_message_id(), encode_body(message), attrs)
-        (result,) = await self.publish_batch(queue_name, [msg])
-        if result.error is not None:
-            raise result.error
-        return msg.id
+        return await self._publish_one(queue_name, message, priority, attributes,
+                                       message_id=message_id, priority_attribute=PROP_PRIORITY)
 
     async def publish_batch(self, queue_name: str,
                             messages: Sequence[QueueMessage]) -> list[PublishResult]:

@@ -50,7 +50,7 @@ from gateway.errors import (
     QueueError,
     UplinkUnavailable,
 )
-from gateway.message import ATTR_MESSAGE_ID, Body, QueueMessage, encode_body, new_message_id
+from gateway.message import ATTR_MESSAGE_ID, Body, QueueMessage
 from gateway.queue.inflight import InFlight
 from gateway.queue.interface import Handler, MessageQueueInterface, PublishResult
 from gateway.queue.keys import KeyTemplate
@@ -219,14 +219,8 @@ class PubSubQueue(MessageQueueInterface):
                       message_id: str | None = None) -> str:
         if delay_seconds > 0:
             raise NotSupportedError(BACKEND, "delay_seconds", "Pub/Sub has no delayed delivery")
-        attrs = dict(attributes or {})
-        if priority:  # Pub/Sub does not order by it; consumers can read it
-            attrs[ATTR_PRIORITY] = str(priority)
-        msg = QueueMessage(message_id or new_message_id(), encode_body(message), attrs)
-        (result,) = await self.publish_batch(queue_name, [msg])
-        if result.error is not None:
-            raise result.error
-        return msg.id
+        return await self._publish_one(queue_name, message, priority, attributes,
+                                       message_id=message_id, priority_attribute=ATTR_PRIORITY)
 
     async def publish_batch(self, queue_name: str,
                             messages: Sequence[QueueMessage]) -> list[PublishResult]:
