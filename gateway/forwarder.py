@@ -123,11 +123,13 @@ class Forwarder:
         self._connected = self._ever_connected = True
         self._failures = 0
         self.stats.state = "online"
-        log.info("uplink %s connected", self.uplink.backend_name)
+        log.info("uplink %s connected", self.uplink.backend_name,
+                 extra={"uplink": self.uplink.backend_name})
         return True
 
     async def _store_trouble(self, exc: StoreError) -> None:
-        log.error("store error while forwarding (%s); retrying with backoff", exc)
+        log.error("store error while forwarding (%s); retrying with backoff", exc,
+                  extra={"uplink": self.uplink.backend_name})
         if self._ahead is not None:  # its lease, if it got one, expires and is retried
             self._ahead.cancel()
             self._ahead = None
@@ -140,7 +142,7 @@ class Forwarder:
         text = str(exc) or type(exc).__name__
         if self.stats.state != "backing_off" or text != self.stats.last_error:
             log.warning("uplink %s unavailable: %s; buffering locally",
-                        self.uplink.backend_name, text)
+                        self.uplink.backend_name, text, extra={"uplink": self.uplink.backend_name})
         self.stats.state = "backing_off"
         self.stats.last_error = text
         self._failures += 1
@@ -301,7 +303,8 @@ class Forwarder:
         self.stats.retried += len(s.retry)
         self.stats.dead_lettered += len(s.dead)
         for seq, reason in s.dead:
-            log.warning("dead-lettered message seq=%d: %s", seq, reason)
+            log.warning("dead-lettered message seq=%d: %s", seq, reason,
+                        extra={"uplink": self.uplink.backend_name, "store_seq": seq})
 
     async def _pace(self, sent: int, started: float) -> None:
         if self.cfg.max_rate > 0 and sent:

@@ -7,6 +7,8 @@ import dataclasses
 import time
 from pathlib import Path
 
+import pytest
+
 from gateway.config import Config, ForwarderConfig, QueueConfig, Route, StoreConfig
 from gateway.errors import RetryableError
 from gateway.forwarder import UPLINK_QUEUE, Forwarder
@@ -100,12 +102,15 @@ async def test_outage_probes_with_one_message_not_a_batch(tmp_path: Path) -> Non
     await store.close()
 
 
-async def test_permanent_rejection_dead_letters_and_the_rest_flow(tmp_path: Path) -> None:
+async def test_permanent_rejection_dead_letters_and_the_rest_flow(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     store = await filled_store(tmp_path / "s.db", [("t", b"ok1"), ("t", b"POISON"), ("t", b"ok2")])
     uplink = StubUplink()
     uplink.fail = reject_body(b"POISON")
     fwd = Forwarder(store, uplink, make_config())
     assert await fwd.drain_once() == 2
+    (logged,) = [r for r in caplog.records if "dead-lettered" in r.getMessage()]
+    assert logged.__dict__["uplink"] == uplink.backend_name  # a journald field (OPENHQM_UPLINK)
     assert uplink.bodies() == [b"ok1", b"ok2"]
     (dead,) = await store.list_dead()
     assert dead.payload == b"POISON" and "MessageRejected" in dead.reason and "poison" in dead.reason
