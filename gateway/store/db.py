@@ -260,9 +260,10 @@ class StoreDb:
         self._c.execute("BEGIN IMMEDIATE")
 
     def _commit(self) -> None:
-        flushed = self._flush_unsaved()
+        flushed = self._flush_unsaved() if self._unsaved else None
         self._c.execute("COMMIT")
-        self._unsaved -= flushed  # only once written: a failed commit keeps them for the next
+        if flushed:  # only once written: a failed commit keeps them for the next
+            self._unsaved -= flushed
 
     def _rollback(self) -> None:
         with contextlib.suppress(sqlite3.Error):

@@ -32,24 +32,29 @@ class DiskReserve:
     def held(self) -> bool:
         return os.path.exists(self.path)
 
+    def _statvfs(self) -> os.statvfs_result:
+        return os.statvfs(os.path.dirname(os.path.abspath(self.path)))
+
+    def _fit(self, st: os.statvfs_result) -> int:
+        """A tenth of a small file system at most (a 64 MB partition gets 6.4 MB)."""
+        return min(self.size, st.f_blocks * st.f_frsize // 10)
+
     def planned_size(self) -> int:
-        """The reserve's size on this file system: a tenth of a small one at most (a 64 MB
-        partition gets 6.4 MB)."""
+        """The reserve's size on this file system."""
         if self.size <= 0:
             return 0
         try:
-            st = os.statvfs(os.path.dirname(os.path.abspath(self.path)))
+            return self._fit(self._statvfs())
         except OSError:
             return self.size
-        return min(self.size, st.f_blocks * st.f_frsize // 10)
 
     def ensure(self) -> bool:
         """Take the reserve when it is missing and the file system has room for it twice."""
         if self.size <= 0 or self.held():
             return self.held()
         try:
-            st = os.statvfs(os.path.dirname(os.path.abspath(self.path)))
-            size = self.planned_size()
+            st = self._statvfs()
+            size = self._fit(st)
             if st.f_bavail * st.f_frsize < 2 * size:
                 return False
             with open(self.path + ".tmp", "wb") as fh:
