@@ -225,7 +225,7 @@ class Publisher:
         errors = await self._send(topic, messages, records, range(len(messages)))
         again = [i for i, e in enumerate(errors)
                  if isinstance(e, KafkaError) and e.code() in RECORD_REJECTED_CODES]
-        if again and len(again) > 1:
+        if len(again) > 1:
             # the broker refused whole record batches: find the guilty records, in order
             log.info("broker refused %d records of %s; re-sending them one by one",
                      len(again), topic)
