@@ -161,8 +161,9 @@ def _status(config: Config, as_json: bool) -> int:
               f"(<path>.corrupt-*); see the log")
     for name, u in report["uplinks"].items():
         age = "-" if u["oldest_age_seconds"] is None else f"{u['oldest_age_seconds']:.1f}s"
+        in_flight = "-" if u["in_flight"] is None else u["in_flight"]
         dropped = ", ".join(f"{k}={v}" for k, v in sorted(u["dropped"].items())) or "none"
-        print(f"uplink   {name} ({u['type']}): depth {u['depth']}, in flight {u['in_flight']}, "
+        print(f"uplink   {name} ({u['type']}): depth {u['depth']}, in flight {in_flight}, "
               f"oldest {age}, delivered {u['delivered_total']}, dead letters {u['dead_letter']}, "
               f"dropped {dropped}")
     return 0

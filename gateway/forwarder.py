@@ -7,8 +7,8 @@ Promises:
   attempts (dead-lettered). An unreachable uplink never costs a message an attempt: the
   batch is released and the forwarder backs off with full jitter, however long the outage.
   After an outage it probes with a batch of one message (the uplink's own publish, so no
-  extra permission is needed), so an outage of hours does not rewrite a whole batch of rows
-  on every backoff round.
+  extra permission is needed), so an outage of hours does not hand a whole batch to a
+  dead link on every backoff round.
 - One batch is on the wire at a time (the next is leased meanwhile, and published only if
   the one before needed no retry), so per-topic order (the store's invariant 3) carries
   through to the uplink. Messages are grouped by destination (``forwarder.routes`` first
@@ -74,8 +74,8 @@ class Forwarder:
         self._failures = 0  # consecutive whole-batch failures, for the backoff
         self._connected = False
         self._ever_connected = False
-        #: after an outage the next batch is one message: no lease and release of a whole
-        #: batch per backoff round (that is SD card wear, not progress)
+        #: after an outage the next batch is one message: a dead link is not handed a whole
+        #: batch per backoff round
         self._probe = False
         self._ahead: asyncio.Task[list[StoredMessage]] | None = None
         self._settling: asyncio.Future[None] | None = None

@@ -63,7 +63,7 @@ class Gateway:
             taken_at=time.time(), started_at=self._started_at,
             ingress_connected=ing.connected, store_ok=store_ok,
             uplink_type=self.config.queue.type, uplink_state=fwd.state,
-            depth=stats.depth if stats else 0, in_flight=stats.in_flight if stats else 0,
+            depth=stats.depth if stats else 0, in_flight=(stats.in_flight or 0) if stats else 0,
             oldest_age_seconds=stats.oldest_age_seconds if stats else None,
             dead_letter=stats.dead_letter if stats else 0,
             store_messages=self.store.message_count, store_bytes=self.store.message_bytes,

@@ -11,7 +11,7 @@ Schema (``PRAGMA user_version`` = 1; WAL journal; auto_vacuum=INCREMENTAL)::
              size INTEGER,              -- bytes counted against store.max_bytes
              priority INTEGER, received_at REAL, not_before REAL,
              attempts INTEGER,          -- failed deliveries so far
-             lease_until REAL,          -- > now: in flight; 0: never leased or released
+             lease_until REAL,          -- unused (leases are in memory); cleared at start
              last_error TEXT)
     dead_letters(dl_seq INTEGER PRIMARY KEY, id, queue, topic, payload, attributes,
                  size, received_at, failed_at, attempts, reason)
@@ -25,15 +25,18 @@ Invariants:
    transaction.
 2. ``append`` returns only after the transaction holding the message committed with the
    configured durability (``synchronous=FULL`` by default), so an acknowledgement sent after
-   it survives a crash or power cut. Lease, settle and expiry transactions run with
+   it survives a crash or power cut. Settle and expiry transactions run with
    ``synchronous=NORMAL``: losing one of them on power loss only causes a redelivery, and
    the next FULL commit syncs the WAL frames before it.
 3. Order: within a queue, ready messages are leased by (priority DESC, seq). A topic with a
    message waiting for a retry (attempts > 0, backoff or in flight) leases nothing behind
    it, so per-topic order holds across retries, outages and restarts. Messages held back
    by ``delay_seconds`` do not block their topic.
-4. A lease is a deadline. An expired lease makes the message ready again (and counts as an
-   attempt); a lease far in the future (wall clock stepped back) is treated as expired.
+4. A lease is a deadline on the monotonic clock, held in memory (``gateway.store.leases``),
+   never written: leasing is a read, a release costs nothing. An expired lease makes the
+   message ready again and counts as an attempt. A restart forgets every lease, so what was
+   not settled is delivered again. (``lease_until`` is only read to clear leases that
+   earlier gateways wrote.)
 5. A full disk never wedges the store: an 8 MiB reserve file beside it is given back on
    SQLITE_FULL so leases, deletes and checkpoints can still be written (``reserve``). The
    WAL's committed, uncheckpointed content stays under the reserve (autocheckpoint at half
@@ -58,6 +61,7 @@ from typing import Any, TypeVar
 import orjson
 
 from gateway.config import StoreConfig
+from gateway.store.leases import Leases
 from gateway.store.records import (
     STORED,
     AppendOutcome,
@@ -179,7 +183,8 @@ class StoreDb:
         #: monotonic time until which appends are refused without writing (disk full)
         self._refuse_appends_until = 0.0
         self.page_size = 1024
-        #: soft cap on what one transaction writes (payload bytes of an append, pages of a lease)
+        self.leases = Leases()
+        #: soft cap on what one transaction writes (payload bytes of an append, pages of a settle)
         self.max_txn_bytes = 64 * 1024**2
         self.reserve = DiskReserve(path + ".reserve", 0 if readonly else RESERVE_BYTES)
 
@@ -270,7 +275,9 @@ class StoreDb:
             self._c.execute("ROLLBACK")
 
     def release_all_leases(self) -> int:
-        """At daemon start: whoever held leases is gone."""
+        """At daemon start: whoever held leases is gone. Leases live in memory; this clears
+        the ``lease_until`` that earlier gateways wrote into the rows."""
+        self.leases.clear()
         self._begin(durable=False)
         n = self._c.execute("UPDATE messages SET lease_until = 0 WHERE lease_until > 0").rowcount
         self._commit()
@@ -537,7 +544,8 @@ class StoreDb:
     # -- delivery ----------------------------------------------------------------------
 
     def lease(self, queue: str, limit: int, lease_seconds: float, now: float) -> list[StoredMessage]:
-        # each leased row rewrites its leaf page (and its settlement about as much again)
+        # leasing writes nothing; settling a batch rewrites at worst a table and an index
+        # leaf page per row, and one transaction stays under max_txn_bytes
         limit = min(limit, max(8, self.max_txn_bytes // (2 * self.page_size)))
         return self._with_room(self._lease, queue, limit, lease_seconds, now)
 
@@ -569,29 +577,31 @@ class StoreDb:
             self._c.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def _lease(self, queue: str, limit: int, lease_seconds: float, now: float) -> list[StoredMessage]:
-        """Lease up to ``limit`` ready messages, in delivery order (invariant 3)."""
-        self._begin(durable=False)
-        rows = self._c.execute(
-            f"""UPDATE messages
-                SET attempts = attempts + (lease_until > 0), lease_until = :until
-                WHERE seq IN (
-                    SELECT seq FROM messages
-                    WHERE queue = :q
-                      AND (lease_until <= :now OR lease_until > :far)
-                      AND not_before <= :now
-                      AND topic NOT IN (
-                          SELECT topic FROM messages
-                          WHERE queue = :q AND attempts > 0
-                            AND (not_before > :now OR (lease_until > :now AND lease_until <= :far)))
-                    ORDER BY priority DESC, seq
-                    LIMIT :limit)
-                RETURNING {_MSG_COLUMNS}""",
-            {"q": queue, "now": now, "until": now + lease_seconds,
-             "far": now + lease_seconds * 2, "limit": limit}).fetchall()
-        self._commit()
-        msgs = [_row_to_message(r) for r in rows]
-        msgs.sort(key=lambda m: (-m.priority, m.seq))
-        return msgs
+        """Lease up to ``limit`` ready messages, in delivery order (invariants 3 and 4)."""
+        c = self._c
+        mono = time.monotonic()
+        expired = self.leases.expire(queue, mono)
+        if expired:  # an expired lease was an attempt
+            self._begin(durable=False)
+            c.execute("UPDATE messages SET attempts = attempts + 1 "
+                      "WHERE seq IN (SELECT value FROM json_each(?))", (orjson.dumps(expired),))
+            self._commit()
+        rows = c.execute(
+            f"""SELECT {_MSG_COLUMNS} FROM messages
+                WHERE queue = :q
+                  AND not_before <= :now
+                  AND seq NOT IN (SELECT value FROM json_each(:held))
+                  AND topic NOT IN (SELECT value FROM json_each(:blocked))
+                  AND topic NOT IN (
+                      SELECT topic FROM messages
+                      WHERE queue = :q AND attempts > 0 AND not_before > :now)
+                ORDER BY priority DESC, seq
+                LIMIT :limit""",
+            {"q": queue, "now": now, "limit": limit,
+             "held": orjson.dumps(self.leases.held(queue)),
+             "blocked": orjson.dumps(self.leases.blocked_topics(queue))}).fetchall()
+        self.leases.hold(queue, ((r[0], r[3], r[8]) for r in rows), mono + lease_seconds)
+        return [_row_to_message(r) for r in rows]
 
     def _settle(self, s: Settlement, now: float) -> None:
         self._begin(durable=False)
@@ -620,20 +630,28 @@ class StoreDb:
             else:
                 retry_rows.append((now + delay, error[:1000], seq))
         c.executemany("UPDATE messages SET attempts = attempts + 1, not_before = ?, "
-                      "lease_until = 0, last_error = ? WHERE seq = ?", retry_rows)
-        if s.release:
-            c.executemany("UPDATE messages SET lease_until = 0 WHERE seq = ?",
-                          [(seq,) for seq in s.release])
+                      "last_error = ? WHERE seq = ?", retry_rows)
         self._move_to_dead(c, dead, now)
         self._trim_dead(c)
         self._commit()
+        # only once committed: a failed settle keeps its leases until they expire
+        leases = self.leases
+        leases.drop(s.delivered)
+        leases.drop(seq for seq, _, _ in s.retry)
+        leases.drop(seq for seq, _ in s.dead)
+        leases.drop(s.release)
 
     def next_due(self, queue: str, now: float) -> float | None:
-        """The earliest time a waiting (delayed, backing off or leased) message becomes ready."""
-        row = self._c.execute(
-            "SELECT min(max(not_before, lease_until)) FROM messages WHERE queue = ? AND "
-            "(not_before > ? OR lease_until > ?)", (queue, now, now)).fetchone()
-        return float(row[0]) if row and row[0] is not None else None
+        """The earliest time (wall clock) a waiting message becomes ready: a delayed or
+        backing-off one falls due, or a lease runs out."""
+        row = self._c.execute("SELECT min(not_before) FROM messages WHERE queue = ? AND "
+                              "not_before > ?", (queue, now)).fetchone()
+        due = float(row[0]) if row and row[0] is not None else None
+        expiry = self.leases.next_expiry(queue)
+        if expiry is not None:
+            lease_due = now + max(0.0, expiry - time.monotonic())
+            due = lease_due if due is None else min(due, lease_due)
+        return due
 
     def _expire(self, max_age: float, now: float, chunk: int = 1000) -> int:
         """Drop messages older than ``max_age`` (reason max_age). Returns how many."""
@@ -677,6 +695,7 @@ class StoreDb:
         self.count -= len(rows)
         self.bytes -= sum(r[0] for r in rows)
         self._commit()
+        self.leases.drop_queue(queue)
         return len(rows)
 
     def create_queue(self, queue: str) -> bool:
@@ -696,6 +715,7 @@ class StoreDb:
                          (queue,)).fetchall()
         counters = c.execute("DELETE FROM counters WHERE queue = ?", (queue,)).rowcount
         self._commit()
+        self.leases.drop_queue(queue)
         self.count -= len(rows)
         self.bytes -= sum(r[0] for r in rows)
         self.dead_count -= len(dead)
@@ -710,9 +730,9 @@ class StoreDb:
 
     def stats(self, queue: str, now: float) -> QueueStats:
         c = self._c
-        depth, in_flight = c.execute(
-            "SELECT count(*), coalesce(sum(lease_until > ?), 0) FROM messages WHERE queue = ?",
-            (now, queue)).fetchone()
+        depth = c.execute("SELECT count(*) FROM messages WHERE queue = ?", (queue,)).fetchone()[0]
+        # leases live in the memory of the process holding them: unknown to a reader
+        in_flight = None if self.readonly else self.leases.count(queue, time.monotonic())
         oldest = c.execute("SELECT min(received_at) FROM messages WHERE queue = ?",
                            (queue,)).fetchone()[0]
         dead = c.execute("SELECT count(*) FROM dead_letters WHERE queue = ?",
@@ -724,7 +744,7 @@ class StoreDb:
             if q == queue and name.startswith("dropped:"):
                 key = name.split(":", 1)[1]
                 dropped[key] = dropped.get(key, 0) + n
-        return QueueStats(queue, int(depth), int(in_flight),
+        return QueueStats(queue, int(depth), in_flight,
                           None if oldest is None else max(0.0, now - oldest), int(dead),
                           int(counters.get("delivered_total", 0)), dropped)
 

@@ -94,7 +94,9 @@ class DeadLetter:
 class QueueStats:
     queue: str
     depth: int
-    in_flight: int
+    #: leased and not settled; None when read from the file by another process (leases
+    #: live in the daemon's memory)
+    in_flight: int | None
     oldest_age_seconds: float | None
     dead_letter: int
     delivered_total: int
