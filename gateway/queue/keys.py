@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from gateway.errors import ConfigError
 from gateway.message import ATTR_MQTT_TOPIC, QueueMessage
@@ -28,6 +28,10 @@ _PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
 _LEVEL = re.compile(r"topic\[(-?[0-9]+)\]")
 
 Part = Callable[[QueueMessage], str]
+
+#: rendered keys kept per MQTT topic, for templates that read nothing but the topic
+_TOPIC_CACHE_MAX = 8192
+_NO_KEY = b""
 
 
 def _literal(text: str) -> Part:
@@ -60,24 +64,41 @@ def _id(msg: QueueMessage) -> str:
 class KeyTemplate:
     template: str
     parts: tuple[Part, ...]
+    #: every part is literal text or reads the MQTT topic: keys are cached per topic
+    topic_only: bool = False
+    _by_topic: dict[str, bytes] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def parse(cls, template: str, key: str = "queue.kafka_message_key") -> KeyTemplate:
         parts: list[Part] = []
         pos = 0
+        topic_only = True
         for match in _PLACEHOLDER.finditer(template):
             if match.start() > pos:
                 parts.append(_literal(template[pos:match.start()]))
-            parts.append(_placeholder(match.group(1), template, key))
+            name = match.group(1)
+            parts.append(_placeholder(name, template, key))
+            topic_only = topic_only and (name == "topic" or bool(_LEVEL.fullmatch(name)))
             pos = match.end()
         rest = template[pos:]
         if "{" in rest or "}" in rest:
             raise ConfigError(key, template, "unbalanced '{' or '}'")
         if rest:
             parts.append(_literal(rest))
-        return cls(template, tuple(parts))
+        return cls(template, tuple(parts), topic_only)
 
     def render(self, msg: QueueMessage) -> bytes | None:
+        if not self.topic_only:
+            return self._render(msg)
+        topic = msg.attributes.get(ATTR_MQTT_TOPIC, "")
+        key = self._by_topic.get(topic)
+        if key is None:
+            if len(self._by_topic) >= _TOPIC_CACHE_MAX:
+                self._by_topic.clear()
+            key = self._by_topic[topic] = self._render(msg) or _NO_KEY
+        return key or None
+
+    def _render(self, msg: QueueMessage) -> bytes | None:
         parts = self.parts
         if len(parts) == 1:  # the usual case: one placeholder, no join
             text = parts[0](msg)
