@@ -115,6 +115,9 @@ class Route:
 @dataclass(frozen=True, slots=True)
 class ForwarderConfig:
     batch_size: int = 500
+    #: a batch also ends at this many payload bytes (the first message always goes): with
+    #: the batch leased ahead, about twice this is held in memory, whatever the message size
+    max_batch_bytes: Annotated[int, SIZE] = 8 * 1024**2
     #: upper bound on messages per second sent to the uplink; 0 = as fast as it accepts
     max_rate: float = 0.0
     retry_min_delay: Annotated[float, DURATION] = 0.5
@@ -333,6 +336,8 @@ def validate(cfg: Config) -> None:
     _check(st.max_attempts >= 1, "store.max_attempts", st.max_attempts, "must be at least 1", src)
     _check(st.lease > 0, "store.lease", st.lease, "must be positive", src)
     _check(fw.batch_size >= 1, "forwarder.batch_size", fw.batch_size, "must be at least 1", src)
+    _check(fw.max_batch_bytes >= 1, "forwarder.max_batch_bytes", fw.max_batch_bytes,
+           "must be at least 1 byte", src)
     _check(fw.max_rate >= 0, "forwarder.max_rate", fw.max_rate, "must not be negative", src)
     _check(fw.retry_max_delay >= fw.retry_min_delay, "forwarder.retry_max_delay",
            fw.retry_max_delay, "must be at least forwarder.retry_min_delay", src)

@@ -188,7 +188,7 @@ class Forwarder:
         if not batch:
             return 0
         if not probing:
-            self._ahead = asyncio.create_task(self.store.lease(self.queue, self.cfg.batch_size),
+            self._ahead = asyncio.create_task(self._lease(self.cfg.batch_size),
                                               name="lease-ahead")
         settlement, unavailable = await self._publish_all(batch)
         in_order = not settlement.retry and not settlement.release
@@ -211,7 +211,10 @@ class Forwarder:
     async def _next_batch(self, limit: int) -> list[StoredMessage]:
         if self._ahead is not None:
             return await self._take_ahead()
-        return await self.store.lease(self.queue, limit)
+        return await self._lease(limit)
+
+    async def _lease(self, limit: int) -> list[StoredMessage]:
+        return await self.store.lease(self.queue, limit, max_bytes=self.cfg.max_batch_bytes)
 
     async def _take_ahead(self) -> list[StoredMessage]:
         task, self._ahead = self._ahead, None

@@ -543,11 +543,14 @@ class StoreDb:
 
     # -- delivery ----------------------------------------------------------------------
 
-    def lease(self, queue: str, limit: int, lease_seconds: float, now: float) -> list[StoredMessage]:
+    def lease(self, queue: str, limit: int, lease_seconds: float, now: float,
+              max_bytes: int = 0) -> list[StoredMessage]:
+        """Up to ``limit`` messages and, when ``max_bytes`` > 0, up to that many payload
+        bytes (the first message always, however large)."""
         # leasing writes nothing; settling a batch rewrites at worst a table and an index
         # leaf page per row, and one transaction stays under max_txn_bytes
         limit = min(limit, max(8, self.max_txn_bytes // (2 * self.page_size)))
-        return self._with_room(self._lease, queue, limit, lease_seconds, now)
+        return self._with_room(self._lease, queue, limit, lease_seconds, now, max_bytes)
 
     def settle(self, s: Settlement, now: float) -> None:
         self._with_room(self._settle, s, now)
@@ -576,7 +579,8 @@ class StoreDb:
         with contextlib.suppress(sqlite3.Error):
             self._c.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
-    def _lease(self, queue: str, limit: int, lease_seconds: float, now: float) -> list[StoredMessage]:
+    def _lease(self, queue: str, limit: int, lease_seconds: float, now: float,
+               max_bytes: int) -> list[StoredMessage]:
         """Lease up to ``limit`` ready messages, in delivery order (invariants 3 and 4)."""
         c = self._c
         mono = time.monotonic()
@@ -586,7 +590,7 @@ class StoreDb:
             c.execute("UPDATE messages SET attempts = attempts + 1 "
                       "WHERE seq IN (SELECT value FROM json_each(?))", (orjson.dumps(expired),))
             self._commit()
-        rows = c.execute(
+        cursor = c.execute(
             f"""SELECT {_MSG_COLUMNS} FROM messages
                 WHERE queue = :q
                   AND not_before <= :now
@@ -599,7 +603,20 @@ class StoreDb:
                 LIMIT :limit""",
             {"q": queue, "now": now, "limit": limit,
              "held": orjson.dumps(self.leases.held(queue)),
-             "blocked": orjson.dumps(self.leases.blocked_topics(queue))}).fetchall()
+             "blocked": orjson.dumps(self.leases.blocked_topics(queue))})
+        rows: list[Any]
+        if max_bytes > 0:  # read row by row and stop at the budget
+            rows, size = [], 0
+            for row in cursor:
+                size += len(row[4])
+                if rows and size > max_bytes:
+                    break
+                rows.append(row)
+                if size >= max_bytes:
+                    break
+            cursor.close()
+        else:
+            rows = cursor.fetchall()
         self.leases.hold(queue, ((r[0], r[3], r[8]) for r in rows), mono + lease_seconds)
         return [_row_to_message(r) for r in rows]
 

@@ -219,11 +219,14 @@ class Store:
     def _notify(self, queue: str) -> None:
         self._event(queue).set()
 
-    async def lease(self, queue: str, limit: int, lease_seconds: float | None = None) -> list[StoredMessage]:
+    async def lease(self, queue: str, limit: int, lease_seconds: float | None = None,
+                    max_bytes: int = 0) -> list[StoredMessage]:
+        """Lease ready messages: at most ``limit``, and at most ``max_bytes`` of payload
+        when > 0 (the first message always)."""
         self._event(queue).clear()
         return await self._run(self._db.lease, queue, limit,
                                self.cfg.lease if lease_seconds is None else lease_seconds,
-                               time.time())
+                               time.time(), max_bytes)
 
     async def wait_ready(self, queue: str, timeout: float | None = None) -> None:
         """Sleep until new messages may be ready in ``queue`` (or the timeout, or a due one)."""

@@ -122,6 +122,7 @@ def test_env_overrides_file_and_units(tmp_path: Path) -> None:
     ("ingress:\n  subscriptions:\n    - topic: a/#/b\n", "ingress.subscriptions[0].topic", "filter"),
     ("bogus: 1\n", "bogus", "unknown section"),
     ("store:\n  max_age: soon\n", "store.max_age", "duration"),
+    ("forwarder:\n  max_batch_bytes: 0\n", "forwarder.max_batch_bytes", "at least 1 byte"),
 ])
 def test_bad_config_names_key_value_and_file(tmp_path: Path, text: str, key: str, fragment: str) -> None:
     path = write(tmp_path, text)

@@ -45,6 +45,19 @@ async def test_delivers_with_stable_id_and_topic(tmp_path: Path) -> None:
     await store.close()
 
 
+async def test_batches_end_at_max_batch_bytes(tmp_path: Path) -> None:
+    store = await filled_store(tmp_path / "s.db", [("s/1", bytes(400)) for _ in range(10)])
+    uplink = StubUplink()
+    fwd = Forwarder(store, uplink, make_config(batch_size=100, max_batch_bytes=1000))
+    sizes = []
+    while sent := await fwd.drain_once():
+        sizes.append(sent)
+    await fwd.flush()
+    assert sizes == [2, 2, 2, 2, 2]  # 2 x 400 bytes fit in 1000, a third would not
+    assert len(uplink.published) == 10
+    await store.close()
+
+
 async def test_outage_costs_no_attempts_and_loses_nothing(tmp_path: Path) -> None:
     store = await filled_store(tmp_path / "s.db", [("t", b"%d" % i) for i in range(50)],
                                max_attempts=2)
@@ -74,8 +87,8 @@ async def test_outage_probes_with_one_message_not_a_batch(tmp_path: Path) -> Non
     lease = store.lease
 
     async def counted_lease(queue: str, limit: int, lease_seconds: float | None = None,
-                            ) -> list[StoredMessage]:
-        got = await lease(queue, limit, lease_seconds)
+                            max_bytes: int = 0) -> list[StoredMessage]:
+        got = await lease(queue, limit, lease_seconds, max_bytes)
         leased.append(len(got))
         return got
 

@@ -113,6 +113,22 @@ async def test_restart_forgets_leases_and_clears_old_lease_columns(tmp_path: Pat
     await store.close()
 
 
+async def test_lease_stops_at_the_byte_budget(tmp_path: Path) -> None:
+    store = await open_store(tmp_path / "s.db")
+    await store.append(Q, [msg("t/a", bytes(1000)) for _ in range(10)]
+                       + [msg("t/a", bytes(50_000)), msg("t/a", b"tail")])
+    first = await store.lease(Q, 100, max_bytes=2500)
+    assert [len(m.payload) for m in first] == [1000, 1000]  # a third would pass 2500
+    rest = await store.lease(Q, 100, max_bytes=8000)
+    assert [len(m.payload) for m in rest] == [1000] * 8
+    (big,) = await store.lease(Q, 100, max_bytes=10)
+    assert len(big.payload) == 50_000  # the first message always goes, whatever the budget
+    (tail,) = await store.lease(Q, 100)  # 0 = no byte budget
+    assert tail.payload == b"tail"
+    assert await store.lease(Q, 100, max_bytes=10) == []
+    await store.close()
+
+
 def test_leases_registry() -> None:
     leases = Leases()
     leases.hold("q", [(1, "t/a", 0), (2, "t/a", 1), (3, "t/b", 0)], until=10.0)
