@@ -53,5 +53,5 @@ def test_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_unknown_placeholder_names_the_key() -> None:
-    with pytest.raises(ConfigError, match="queue.kafka_message_key"):
+    with pytest.raises(ConfigError, match=r"queue\.kafka_message_key"):
         KeyTemplate.parse("{nope}")
