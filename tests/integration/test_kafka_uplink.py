@@ -157,6 +157,29 @@ async def test_one_key_keeps_its_order_in_one_partition(
         assert numbers == sorted(numbers) == list(range(300)), key
 
 
+class _SmallLocalQueue(KafkaQueue):
+    """librdkafka's local queue holds 64 records: produce() raises BufferError mid-batch
+    (about 30 waits of 5 ms for 1,000 records here)."""
+
+    def producer_config(self) -> dict[str, Any]:
+        return {**super().producer_config(), "queue.buffering.max.messages": 64}
+
+
+async def test_a_full_local_producer_queue_waits_and_keeps_order(
+        kafka_broker: KafkaBroker, topic: str) -> None:
+    queue = _SmallLocalQueue(settings_for(kafka_broker, kafka_message_key="{topic[1]}"))
+    batch = [sensor(f"dev-{n % 4}", n) for n in range(1000)]
+    async with queue:
+        assert await queue.create_queue(topic, partitions=2) is True
+        results = await queue.publish_batch(topic, batch)
+    assert all(r.ok for r in results), {str(r.error) for r in results if not r.ok}
+    sequence: dict[bytes, list[int]] = defaultdict(list)
+    for record in await read_all(kafka_broker, topic):
+        sequence[record.key].append(int(record.value.split(b'"n":')[1].rstrip(b"}")))
+    assert {k: v for k, v in sequence.items()} == {
+        f"dev-{d}".encode(): list(range(d, 1000, 4)) for d in range(4)}
+
+
 async def test_a_message_over_the_producer_limit_fails_alone(
         kafka_broker: KafkaBroker, topic: str) -> None:
     queue = KafkaQueue(settings_for(kafka_broker, kafka_max_request_size=64 * 1024,
