@@ -62,8 +62,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import orjson
-from aiokafka import AIOKafkaConsumer
-from aiokafka.structs import TopicPartition
 
 from gateway.config import Config, ForwarderConfig, QueueConfig, StoreConfig
 from gateway.forwarder import UPLINK_QUEUE, Forwarder
@@ -74,6 +72,7 @@ from gateway.store.records import NewMessage
 from gateway.store.store import Store
 from gateway.uplinks.kafka.settings import KafkaSettings
 from gateway.uplinks.kafka.uplink import KafkaQueue
+from tests.kafka_read import end_offsets
 from tests.kafka_server import kafka_server, missing_requirements
 
 DEVICES = 10
@@ -119,14 +118,7 @@ def run_kcat(bootstrap: str, topic: str, lines: Path, compression: str,
 
 
 async def high_watermark(bootstrap: str, topic: str) -> int:
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None)
-    await consumer.start()
-    try:
-        await consumer._client.force_metadata_update()
-        tps = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
-        return sum((await consumer.end_offsets(tps)).values())
-    finally:
-        await consumer.stop()
+    return sum((await asyncio.to_thread(end_offsets, bootstrap, topic)).values())
 
 
 async def create_topics(bootstrap: str, args: argparse.Namespace, *topics: str) -> None:

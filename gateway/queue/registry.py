@@ -42,7 +42,7 @@ BACKENDS: dict[str, BackendSpec] = {
                     "gateway.uplinks.redis.uplink:RedisStreamsQueue", "redis", "redis"),
         BackendSpec("kafka", "gateway.uplinks.kafka.settings:KafkaSettings",
                     "gateway.uplinks.kafka.uplink:KafkaQueue", "kafka",
-                    "confluent_kafka,aiokafka"),
+                    "confluent_kafka"),
         BackendSpec("sqs", "gateway.uplinks.sqs.settings:SqsSettings",
                     "gateway.uplinks.sqs.uplink:SqsQueue", "sqs", "aioboto3"),
         BackendSpec("azure_eventhubs", "gateway.uplinks.eventhubs.settings:EventHubsSettings",

@@ -12,45 +12,18 @@ import uuid
 from collections.abc import AsyncIterator
 
 import pytest
-from aiokafka import AIOKafkaConsumer
-from aiokafka.structs import TopicPartition
 
 from gateway.message import QueueMessage, new_message_id
 from gateway.uplinks.kafka.settings import KafkaSettings
 from gateway.uplinks.kafka.uplink import HEADER_DLQ_REASON, HEADER_DLQ_SOURCE, KafkaQueue
 from tests.contract.backends import ContractTarget
 from tests.integration.kafka_fixtures import kafka_broker
+from tests.kafka_read import read_all
 from tests.kafka_server import KafkaBroker
 
 __all__ = ["kafka_backend", "kafka_broker"]
 
 POISON_LIMIT = 4096
-
-
-async def read_topic(bootstrap: str, topic: str) -> list[tuple[dict[str, str], bytes]]:
-    """Every record of ``topic`` (headers, value), read without a consumer group."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None,
-                                enable_auto_commit=False)
-    await consumer.start()
-    try:
-        partitions = consumer.partitions_for_topic(topic) or set()
-        if not partitions:
-            await consumer._client.force_metadata_update()
-            partitions = consumer.partitions_for_topic(topic) or set()
-        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
-        if not tps:
-            return []
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        end = await consumer.end_offsets(tps)
-        out: list[tuple[dict[str, str], bytes]] = []
-        while [tp for tp in tps if await consumer.position(tp) < end[tp]]:
-            for records in (await consumer.getmany(timeout_ms=500)).values():
-                out.extend(({k: v.decode() for k, v in r.headers}, r.value or b"")
-                           for r in records)
-        return out
-    finally:
-        await consumer.stop()
 
 
 @pytest.fixture
@@ -68,8 +41,9 @@ async def kafka_backend(kafka_broker: KafkaBroker) -> AsyncIterator[ContractTarg
         return QueueMessage(new_message_id(), b"p" * (POISON_LIMIT * 3))
 
     async def dead_letters(queue_name: str) -> list[tuple[str, str]]:
-        records = await read_topic(kafka_broker.bootstrap, dlq)
-        return [(h["openhqm_message_id"], h[HEADER_DLQ_REASON]) for h, _ in records
+        records = await read_all(kafka_broker.bootstrap, dlq)
+        headers = [{k: v.decode() for k, v in r.headers} for r in records]
+        return [(h["openhqm_message_id"], h[HEADER_DLQ_REASON]) for h in headers
                 if h.get(HEADER_DLQ_SOURCE, "").startswith(f"{queue_name}/")]
 
     await queue.connect()

@@ -17,8 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiokafka import AIOKafkaConsumer
-from aiokafka.structs import TopicPartition
 
 from gateway.config import Config, ForwarderConfig, QueueConfig, StoreConfig, load_config
 from gateway.errors import MessageRejected, NotSupportedError, UplinkUnavailable
@@ -34,11 +32,12 @@ from gateway.uplinks.kafka.uplink import (
     HEADER_RETRY_COUNT,
     KafkaQueue,
 )
+from tests import kafka_read
+from tests.kafka_read import Record
 from tests.kafka_server import SASL_PASSWORD, SASL_USER, KafkaBroker
 
 pytestmark = pytest.mark.integration
 
-Record = Any  # aiokafka ConsumerRecord
 
 
 def settings_for(broker: KafkaBroker, **overrides: Any) -> KafkaSettings:
@@ -63,25 +62,7 @@ def topic() -> str:
 
 async def read_all(broker: KafkaBroker, topic: str, timeout: float = 20.0) -> list[Record]:
     """Every record of every partition of ``topic``, partition by partition, in offset order."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=broker.bootstrap, group_id=None,
-                                enable_auto_commit=False)
-    await consumer.start()
-    try:
-        await consumer._client.force_metadata_update()
-        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
-        if not tps:
-            return []
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        end = await consumer.end_offsets(tps)
-        out: dict[TopicPartition, list[Record]] = defaultdict(list)
-        async with asyncio.timeout(timeout):
-            while [tp for tp in tps if await consumer.position(tp) < end[tp]]:
-                for tp, records in (await consumer.getmany(timeout_ms=500)).items():
-                    out[tp].extend(records)
-        return [r for tp in tps for r in out[tp]]
-    finally:
-        await consumer.stop()
+    return await kafka_read.read_all(broker.bootstrap, topic, timeout)
 
 
 def headers_of(record: Record) -> dict[str, str]:
@@ -281,6 +262,63 @@ async def test_committed_offsets_survive_a_restart_and_only_unsettled_ones_retur
         assert await second.get_queue_depth(topic) == 0
 
 
+async def test_a_cancelled_consume_keeps_the_records_its_fetch_brought(
+        kafka_broker: KafkaBroker, topic: str) -> None:
+    queue = KafkaQueue(settings_for(kafka_broker))
+    async with queue:
+        (first,) = [sensor("d", 0)]
+        assert (await queue.publish_batch(topic, [first]))[0].ok
+        collector = Collector()
+        task = asyncio.create_task(queue.consume(topic, collector, batch_size=50,
+                                                 wait_time_seconds=2.0))
+        (got,) = await collector.take(1)  # joined the group, partitions assigned
+        assert await queue.acknowledge(got.id)
+        await asyncio.sleep(0.3)  # the next fetch (up to 2 s) is running on its thread
+        await stop(task)
+        later = [sensor("d", n) for n in range(1, 6)]
+        assert all(r.ok for r in await queue.publish_batch(topic, later))  # lands in it
+        task = await consuming(queue, topic, collector)
+        again = await collector.take(5)
+        await stop(task)
+    assert [m.id for m in again] == [m.id for m in later]
+
+
+async def test_a_second_member_takes_a_partition_with_what_was_not_acknowledged(
+        kafka_broker: KafkaBroker, topic: str) -> None:
+    settings = settings_for(kafka_broker)  # one group for both members
+    sent = [sensor(f"dev-{i % 8}", i) for i in range(40)]
+    first, second = KafkaQueue(settings), KafkaQueue(settings)
+    async with first:
+        assert await first.create_queue(topic, partitions=2) is True
+        assert all(r.ok for r in await first.publish_batch(topic, sent))
+        partition_of = {headers_of(r)[ATTR_MESSAGE_ID]: r.partition
+                        for r in await read_all(kafka_broker, topic)}
+        assert set(partition_of.values()) == {0, 1}  # both partitions hold messages
+        collector = Collector()
+        task_a = await consuming(first, topic, collector)
+        got = await collector.take(len(sent))
+        acked = {m.id for m in got[::2]}
+        for msg in got[::2]:
+            assert await first.acknowledge(msg.id)
+        async with second:
+            moved = Collector()
+            task_b = await consuming(second, topic, moved)
+            first_of_b = await moved.take(1, timeout=30.0)  # after the group rebalanced
+            taken = {partition_of[first_of_b[0].id]}
+            expected = {m.id for m in sent if partition_of[m.id] in taken} - acked
+            seen = {first_of_b[0].id}
+            async with asyncio.timeout(20):
+                while not expected <= seen:
+                    seen.update(m.id for m in await moved.take(1))
+            await stop(task_b)
+        await stop(task_a)
+        for msg in sent:
+            if msg.id in acked:
+                continue
+            # in flight at the first member until its partition moved: no longer its to settle
+            assert await first.acknowledge(msg.id) is (partition_of[msg.id] not in taken)
+
+
 async def test_reject_to_the_dead_letter_topic_keeps_the_record_and_says_why(
         uplink: KafkaQueue, kafka_broker: KafkaBroker, topic: str) -> None:
     msg = sensor("dev-1", 1)
@@ -347,7 +385,10 @@ def test_seed_keys_and_env_overrides_build_the_uplink(tmp_path: Path) -> None:
     assert (s.kafka_security_protocol, s.kafka_sasl_mechanism) == ("SASL_SSL", "PLAIN")
     assert s.kafka_linger == pytest.approx(0.02) and s.kafka_batch_size == 256 * 1024
     assert backend.dlq_name == "openhqm-dlq"
-    assert backend._common()["bootstrap_servers"] == ["k1:9092", "k2:9092"]
+    conf = backend.client_config()
+    assert conf["bootstrap.servers"] == "k1:9092,k2:9092"
+    assert (conf["sasl.mechanism"], conf["sasl.username"]) == ("PLAIN", "$ConnectionString")
+    assert backend.consumer_config()["group.id"] == "openhqm-workers"
 
 
 @pytest.mark.parametrize("mechanism", ["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"])
