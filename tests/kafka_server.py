@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.certs import Certs, make_certs
 from tests.servers import IN_CI, ServerProcess, SharedServer, free_port, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
@@ -84,6 +85,9 @@ class KafkaBroker(ServerProcess):
 
     controller_port: int = 0
     sasl_port: int = 0
+    #: SASL_SSL listener (PLAIN), its certificate issued by ``certs.ca`` for 127.0.0.1
+    ssl_port: int = 0
+    certs: Certs | None = None
     data_dir: Path = field(default_factory=Path)
     _log_offset: int = 0
 
@@ -127,23 +131,29 @@ def kafka_server(workdir: Path, port: int | None = None, *,
                  extra_properties: str = "") -> KafkaBroker:
     """A formatted, not yet started, single-node KRaft broker under ``workdir``.
 
-    Two client listeners: PLAINTEXT on ``port`` and SASL_PLAINTEXT on ``sasl_port`` (PLAIN,
-    SCRAM-SHA-256 and SCRAM-SHA-512 for user SASL_USER / SASL_PASSWORD)."""
+    Three client listeners: PLAINTEXT on ``port``, SASL_PLAINTEXT on ``sasl_port`` (PLAIN,
+    SCRAM-SHA-256 and SCRAM-SHA-512 for user SASL_USER / SASL_PASSWORD) and SASL_SSL on
+    ``ssl_port`` (PLAIN, TLS with a certificate made for this run, ``certs.ca`` its CA)."""
     require_kafka()
     workdir.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     taken = {port}
     controller_port, sasl_port = _another_port(taken), _another_port(taken)
+    ssl_port = _another_port(taken)
+    certs = make_certs(workdir / "certs")
+    keystore = workdir / "certs" / "server-keystore.pem"  # PKCS#8 key, then the certificate
+    keystore.write_text(certs.server_key.read_text() + certs.server_cert.read_text())
     data_dir = workdir / "data"
     log4j = workdir / "log4j.properties"
     log4j.write_text(_LOG4J)
     props = workdir / "server.properties"
-    props.write_text(_server_properties(port, sasl_port, controller_port, data_dir)
+    props.write_text(_server_properties(port, sasl_port, ssl_port, controller_port,
+                                        data_dir=data_dir, keystore=keystore)
                      + extra_properties)
     _format_storage(props, log4j, workdir)
     argv = _java("kafka.Kafka", str(props), log4j=log4j)
     return KafkaBroker("kafka", argv, workdir, port, _ready, controller_port=controller_port,
-                       sasl_port=sasl_port, data_dir=data_dir)
+                       sasl_port=sasl_port, ssl_port=ssl_port, certs=certs, data_dir=data_dir)
 
 
 def _another_port(taken: set[int]) -> int:
@@ -158,19 +168,27 @@ SASL_USER = "gateway"
 SASL_PASSWORD = "gateway-secret"
 
 
-def _server_properties(port: int, sasl_port: int, controller_port: int, data_dir: Path) -> str:
+def _server_properties(port: int, sasl_port: int, ssl_port: int, controller_port: int, *,
+                       data_dir: Path, keystore: Path) -> str:
     jaas = "org.apache.kafka.common.security"
     return f"""\
 process.roles=broker,controller
 node.id=1
 controller.quorum.voters=1@127.0.0.1:{controller_port}
 listeners=PLAINTEXT://127.0.0.1:{port},SASL_PLAINTEXT://127.0.0.1:{sasl_port},\
-CONTROLLER://127.0.0.1:{controller_port}
-advertised.listeners=PLAINTEXT://127.0.0.1:{port},SASL_PLAINTEXT://127.0.0.1:{sasl_port}
+SASL_SSL://127.0.0.1:{ssl_port},CONTROLLER://127.0.0.1:{controller_port}
+advertised.listeners=PLAINTEXT://127.0.0.1:{port},SASL_PLAINTEXT://127.0.0.1:{sasl_port},\
+SASL_SSL://127.0.0.1:{ssl_port}
 controller.listener.names=CONTROLLER
 inter.broker.listener.name=PLAINTEXT
 listener.security.protocol.map=PLAINTEXT:PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT,\
-CONTROLLER:PLAINTEXT
+SASL_SSL:SASL_SSL,CONTROLLER:PLAINTEXT
+listener.name.sasl_ssl.sasl.enabled.mechanisms=PLAIN
+listener.name.sasl_ssl.plain.sasl.jaas.config={jaas}.plain.PlainLoginModule required \
+user_{SASL_USER}="{SASL_PASSWORD}";
+listener.name.sasl_ssl.ssl.keystore.type=PEM
+listener.name.sasl_ssl.ssl.keystore.location={keystore}
+listener.name.sasl_ssl.ssl.client.auth=none
 sasl.enabled.mechanisms=PLAIN,SCRAM-SHA-256,SCRAM-SHA-512
 listener.name.sasl_plaintext.plain.sasl.jaas.config={jaas}.plain.PlainLoginModule required \
 user_{SASL_USER}="{SASL_PASSWORD}";

@@ -19,44 +19,11 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from tests.certs import Certs, make_certs
 from tests.servers import ServerProcess, free_port, require_binary, wait_until
 
 USER, PASSWORD = "gateway", "s3cret-uplink"
 READER, READER_PASSWORD = "cloud-reader", "reader-pass"
-
-
-@dataclass(frozen=True)
-class Certs:
-    ca: Path
-    server_cert: Path
-    server_key: Path
-    client_cert: Path
-    client_key: Path
-
-
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run([require_binary("openssl", "apt-get install openssl"), *args], cwd=cwd,
-                   check=True, capture_output=True, timeout=30)
-
-
-def make_certs(workdir: Path) -> Certs:
-    workdir.mkdir(parents=True, exist_ok=True)
-    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-    _openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.crt", "-days", "2",
-             "-subj", "/CN=openhqm-test-ca", cwd=workdir)
-    for name, ext in (("server", "subjectAltName=DNS:localhost,IP:127.0.0.1\n"
-                                 "extendedKeyUsage=serverAuth\n"),
-                      ("client", "extendedKeyUsage=clientAuth\n")):
-        (workdir / f"{name}.ext").write_text(ext)
-        _openssl("req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr",
-                 "-subj", f"/CN=openhqm-test-{name}", cwd=workdir)
-        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-                 "-CAcreateserial", "-out", f"{name}.crt", "-days", "2",
-                 "-extfile", f"{name}.ext", cwd=workdir)
-    for path in workdir.iterdir():
-        path.chmod(0o644)  # mosquitto may run as its own user
-    return Certs(workdir / "ca.crt", workdir / "server.crt", workdir / "server.key",
-                 workdir / "client.crt", workdir / "client.key")
 
 
 def cloud_broker(workdir: Path, certs: Certs) -> ServerProcess:

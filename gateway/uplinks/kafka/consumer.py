@@ -70,10 +70,7 @@ class Subscription:
     @classmethod
     def start(cls, topic: str, config: dict[str, Any],
               forget: Callable[[Subscription, list[Partition]], None]) -> Subscription:
-        try:
-            consumer = Consumer(config)
-        except KafkaException as exc:
-            raise translate_rd(exc.args[0], "create consumer") from None
+        consumer = Consumer(config)  # KafkaException: the caller names the setting
         sub = cls(topic, consumer, asyncio.get_running_loop(), forget)
         consumer.subscribe([topic], on_assign=sub._on_assign, on_revoke=sub._on_revoke)
         return sub

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Self
 
-from confluent_kafka import KafkaException, Message
+from confluent_kafka import KafkaError, KafkaException, Message
 
 from gateway.config import Config
 from gateway.errors import ConfigError, NotSupportedError, QueueError, UplinkUnavailable
@@ -51,6 +51,13 @@ HEADER_DLQ_REASON = "openhqm_dlq_reason"
 HEADER_DLQ_SOURCE = "openhqm_dlq_source"
 _REWRITTEN = {HEADER_RETRY_COUNT, HEADER_LAST_ERROR, HEADER_DLQ_REASON, HEADER_DLQ_SOURCE}
 _CREATE_OPTIONS = {"partitions", "replication_factor", "config"}
+#: librdkafka property (as its errors name it) -> the setting it comes from
+_PROPERTY_KEYS = {"ssl.ca.location": "kafka_ssl_ca_file",
+                  "ssl.certificate.location": "kafka_ssl_cert_file",
+                  "ssl.key.location": "kafka_ssl_key_file",
+                  "ssl.key.password": "kafka_ssl_key_password",
+                  "sasl.": "kafka_sasl_mechanism",
+                  "bootstrap.servers": "kafka_bootstrap_servers"}
 
 
 @dataclass(eq=False)
@@ -157,8 +164,19 @@ class KafkaQueue(MessageQueueInterface):
                 metadata_timeout=min(s.kafka_request_timeout, s.kafka_delivery_timeout),
                 create_topic=self.create_queue if s.kafka_auto_create_topics else None)
         except KafkaException as exc:  # librdkafka refused the configuration
-            raise ConfigError("queue.kafka_*", "", f"the Kafka producer refused its "
-                              f"configuration: {exc.args[0]}") from None
+            raise self._refused(exc, "producer") from None
+
+    def _refused(self, exc: KafkaException, client: str) -> ConfigError:
+        """librdkafka refused a configuration (a TLS file it cannot read, a bad value): the
+        error names the setting behind the property it complains about."""
+        err = exc.args[0] if exc.args else exc
+        text = err.str() if isinstance(err, KafkaError) else str(err)
+        for prop, key in _PROPERTY_KEYS.items():
+            if prop in text:
+                return ConfigError(f"queue.{key}", getattr(self.settings, key),
+                                   f"the Kafka {client} refused it: {text}")
+        return ConfigError("queue.kafka_*", "", f"the Kafka {client} refused its "
+                           f"configuration: {text}")
 
     # -- connections ------------------------------------------------------------------------
 
@@ -168,8 +186,7 @@ class KafkaQueue(MessageQueueInterface):
         try:
             admin = Admin(self.client_config(), self.settings.kafka_request_timeout)
         except KafkaException as exc:
-            raise ConfigError("queue.kafka_*", "", f"the Kafka admin client refused its "
-                              f"configuration: {exc.args[0]}") from None
+            raise self._refused(exc, "admin client") from None
         await admin.describe_cluster()  # UplinkUnavailable when no broker answers
         self._admin, self._publisher = admin, self._new_publisher()
         if self.settings.kafka_create_topics:
@@ -263,8 +280,11 @@ class KafkaQueue(MessageQueueInterface):
         sub = self._subs.get(topic)
         if sub is None:
             self._require()
-            sub = self._subs[topic] = Subscription.start(topic, self.consumer_config(),
-                                                         self._drop_in_flight)
+            try:
+                sub = Subscription.start(topic, self.consumer_config(), self._drop_in_flight)
+            except KafkaException as exc:
+                raise self._refused(exc, "consumer") from None
+            self._subs[topic] = sub
         return sub
 
     def _track(self, sub: Subscription, partition: Partition, record: Message) -> QueueMessage:
