@@ -38,7 +38,7 @@ Invariants:
    not settled is delivered again. (``lease_until`` is only read to clear leases that
    earlier gateways wrote.)
 5. A full disk never wedges the store: an 8 MiB reserve file beside it is given back on
-   SQLITE_FULL so leases, deletes and checkpoints can still be written (``reserve``). The
+   SQLITE_FULL so deletes and checkpoints can still be written (``reserve``). The
    WAL's committed, uncheckpointed content stays under the reserve (autocheckpoint at half
    of it, one transaction at most a quarter), so a checkpoint always fits in what the
    reserve gives back; appends are refused without writing for a second at a time after
