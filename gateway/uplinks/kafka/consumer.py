@@ -96,12 +96,18 @@ class Subscription:
                 raise UplinkUnavailable(f"the consumer of {self.topic} is closed ({exc})",
                                         backend=BACKEND) from None
             self._fetching = None
-        for message in messages:
+        error: KafkaError | None = None
+        for message in messages:  # every good record is kept, whatever errors come with it
             err = message.error()
             if err is None:
                 self.backlog.append(message)
             elif err.code() != KafkaError._PARTITION_EOF:
-                raise translate_rd(err, f"consume {self.topic}")
+                error = error or err
+        if error is not None:
+            if not self.backlog:
+                raise translate_rd(error, f"consume {self.topic}")
+            log.warning("kafka: consume %s: %s (the records fetched with it are handed out)",
+                        self.topic, error.str())
 
     def delivered(self, partition: Partition, offset: int) -> None:
         self.offsets.setdefault(partition, PartitionOffsets()).delivered(offset)
