@@ -32,6 +32,15 @@ async def filled_store(path: Path, items: list[tuple[str, bytes]], **cfg: object
     return store
 
 
+async def published(uplink: StubUplink, n: int, timeout: float = 5.0) -> None:
+    """Wait up to ``timeout`` for the stub uplink to hold ``n`` messages (it has no event to
+    wait on); the caller's assertions say what arrived."""
+    for _ in range(int(timeout / 0.02)):
+        if len(uplink.published) >= n:
+            return
+        await asyncio.sleep(0.02)
+
+
 async def test_delivers_with_stable_id_and_topic(tmp_path: Path) -> None:
     store = await filled_store(tmp_path / "s.db", [("s/1", b"a"), ("s/2", b"b")])
     uplink = StubUplink()
@@ -68,10 +77,7 @@ async def test_outage_costs_no_attempts_and_loses_nothing(tmp_path: Path) -> Non
     await asyncio.sleep(0.5)  # many failed rounds, far more than max_attempts
     assert uplink.published == []
     uplink.down = False
-    for _ in range(100):
-        if len(uplink.published) == 50:
-            break
-        await asyncio.sleep(0.05)
+    await published(uplink, 50)
     fwd.stop()
     await task
     assert uplink.bodies() == [b"%d" % i for i in range(50)]
@@ -104,10 +110,7 @@ async def test_outage_probes_with_one_message_not_a_batch(tmp_path: Path) -> Non
     assert len(leased) >= 6 and leased[:2] == [20, 20] and set(leased[2:]) == {1}, leased
     outage_leases = len(leased)
     uplink.down = False
-    for _ in range(100):
-        if len(uplink.published) == 50:
-            break
-        await asyncio.sleep(0.05)
+    await published(uplink, 50)
     fwd.stop()
     await task
     assert uplink.bodies() == [b"%d" % i for i in range(50)]
@@ -145,10 +148,7 @@ async def test_retryable_failure_keeps_topic_order(tmp_path: Path) -> None:
     uplink.fail = flaky
     fwd = Forwarder(store, uplink, make_config(batch_size=1))
     task = asyncio.create_task(fwd.run())
-    for _ in range(100):
-        if len(uplink.published) == 3:
-            break
-        await asyncio.sleep(0.02)
+    await published(uplink, 3)
     fwd.stop()
     await task
     bodies = uplink.bodies()
