@@ -4,9 +4,10 @@ How MessageQueueInterface maps onto Kafka (queue name = topic):
 
 - One client library: librdkafka through confluent-kafka for publishing (``publisher``),
   consuming (``consumer``) and the admin calls (``admin``), so TLS and SASL are configured
-  once (``client_config``) and behave the same everywhere. Every record carries the gateway message id,
-  the MQTT topic and all attributes as headers; its key comes from ``kafka_message_key``.
-  The producer is idempotent with acks=all by default.
+  once (``client_config``) and behave the same everywhere.
+- publish/publish_batch: every record carries the gateway message id, the MQTT topic and
+  all attributes as headers; its key comes from ``kafka_message_key``. The producer is
+  idempotent with acks=all by default.
 - consume: one consumer per topic in ``kafka_consumer_group``, auto-commit off. A message
   stays in flight until acknowledge or reject; the group's committed offset of a partition
   only moves past messages that are settled (``offsets``), so a crash redelivers anything
