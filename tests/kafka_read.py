@@ -34,12 +34,16 @@ def _partitions(consumer: Consumer, topic: str) -> list[int]:
     return sorted(entry.partitions)
 
 
+def _ends(consumer: Consumer, topic: str, partitions: list[int]) -> dict[int, int]:
+    return {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
+            for p in partitions}
+
+
 def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
     """The high watermark of each partition of ``topic``."""
     consumer = _consumer(bootstrap)
     try:
-        return {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
-                for p in _partitions(consumer, topic)}
+        return _ends(consumer, topic, _partitions(consumer, topic))
     finally:
         consumer.close()
 
@@ -49,8 +53,7 @@ def read_topic(bootstrap: str, topic: str, timeout: float = 20.0) -> list[Record
     consumer = _consumer(bootstrap)
     try:
         partitions = _partitions(consumer, topic)
-        end = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
-               for p in partitions}
+        end = _ends(consumer, topic, partitions)
         consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
         out: dict[int, list[Record]] = {p: [] for p in partitions}
         position = {p: 0 for p in partitions}

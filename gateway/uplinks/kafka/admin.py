@@ -63,6 +63,19 @@ class Admin:
     async def _wait(future: Future[Any]) -> Any:
         return await asyncio.wrap_future(future)
 
+    @classmethod
+    async def _done_unless(cls, future: Future[Any], code: int) -> bool:
+        """True when the operation succeeded, False when it failed with ``code`` (the topic
+        already exists / did not exist); any other failure is raised."""
+        try:
+            await cls._wait(future)
+        except KafkaException as exc:
+            err = _error(exc)
+            if err is not None and err.code() == code:
+                return False
+            raise
+        return True
+
     async def describe_cluster(self, timeout: float | None = None) -> None:
         """One round trip to the cluster; raises UplinkUnavailable when there is none."""
         limit = self.request_timeout if timeout is None else timeout
@@ -116,14 +129,7 @@ class Admin:
                 [NewTopic(topic, num_partitions=partitions,
                           replication_factor=replication_factor, config=config)],
                 operation_timeout=self.request_timeout, **self._timeouts())
-            try:
-                await self._wait(futures[topic])
-            except KafkaException as exc:
-                err = _error(exc)
-                if err is not None and err.code() == KafkaError.TOPIC_ALREADY_EXISTS:
-                    return False
-                raise
-            return True
+            return await self._done_unless(futures[topic], KafkaError.TOPIC_ALREADY_EXISTS)
         return await self._call(ask, f"create topic {topic}")
 
     async def delete_topic(self, topic: str) -> bool:
@@ -131,14 +137,7 @@ class Admin:
         async def ask() -> bool:
             futures = self.client.delete_topics([topic], operation_timeout=self.request_timeout,
                                                 **self._timeouts())
-            try:
-                await self._wait(futures[topic])
-            except KafkaException as exc:
-                err = _error(exc)
-                if err is not None and err.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
-                    return False
-                raise
-            return True
+            return await self._done_unless(futures[topic], KafkaError.UNKNOWN_TOPIC_OR_PART)
         return await self._call(ask, f"delete topic {topic}")
 
     async def delete_records(self, before: dict[Partition, int]) -> None:
