@@ -111,7 +111,10 @@ def _run(config: Config) -> int:
 
 
 def _open_db(config: Config, readonly: bool) -> StoreDb:
-    db = StoreDb(config.store_path, Limits.from_config(config.store), readonly=readonly)
+    """The store as a reader, or (``readonly=False``) as a side user that writes dead letters
+    and replays only: the daemon may own it meanwhile."""
+    db = StoreDb(config.store_path, Limits.from_config(config.store), readonly=readonly,
+                 owner=False)
     if readonly and not os.path.exists(config.store_path):
         raise GatewayError(f"no store at {config.store_path} (has the gateway run yet?)")
     try:

@@ -102,6 +102,14 @@ class StoreConfig:
     dead_letter_max_messages: int = 100_000
     #: SQLite max_page_count: a hard cap on the file (0 = none). Mostly for tests.
     max_page_count: int = 0
+    #: size of a ring segment of the log (small commits fill one in place)
+    segment_bytes: Annotated[int, SIZE] = 256 * 1024
+    #: frames are zlib-compressed (level 1) when that saves an eighth or more
+    compression: Literal["zlib", "none"] = "zlib"
+    #: a delivered message's cursor position is written at most this long after it ...
+    cursor_sync_interval: Annotated[float, DURATION] = 1.0
+    #: ... or once this many messages were settled since the last write
+    cursor_sync_messages: int = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -335,6 +343,12 @@ def validate(cfg: Config) -> None:
     _check(st.max_bytes >= 1024, "store.max_bytes", st.max_bytes, "must be at least 1KB", src)
     _check(st.max_attempts >= 1, "store.max_attempts", st.max_attempts, "must be at least 1", src)
     _check(st.lease > 0, "store.lease", st.lease, "must be positive", src)
+    _check(4096 <= st.segment_bytes <= 64 * 1024**2, "store.segment_bytes", st.segment_bytes,
+           "must be between 4KB and 64MB", src)
+    _check(st.cursor_sync_interval > 0, "store.cursor_sync_interval", st.cursor_sync_interval,
+           "must be positive", src)
+    _check(st.cursor_sync_messages >= 1, "store.cursor_sync_messages", st.cursor_sync_messages,
+           "must be at least 1", src)
     _check(fw.batch_size >= 1, "forwarder.batch_size", fw.batch_size, "must be at least 1", src)
     _check(fw.max_batch_bytes >= 1, "forwarder.max_batch_bytes", fw.max_batch_bytes,
            "must be at least 1 byte", src)

@@ -88,8 +88,6 @@ from gateway.message import (
     ATTR_MQTT_QOS,
     ATTR_MQTT_RETAIN,
     ATTR_MQTT_TOPIC,
-    new_message_id,
-    new_message_ids,
 )
 from gateway.store.records import AppendOutcome, AppendStatus, NewMessage
 
@@ -183,7 +181,6 @@ class _Connection(asyncio.Protocol):
         acks: list[tuple[int, int, int]] = []
         nbytes = 0
         now = time.time()
-        ids = new_message_ids(len(packets), now)
         for packet in packets:
             if type(packet) is not Publish:
                 self._control(packet)
@@ -196,7 +193,7 @@ class _Connection(asyncio.Protocol):
             if qos == 2:
                 self._qos2_pending.add(pid)
             acks.append((qos, pid, len(messages)))
-            messages.append(ingress.to_message(packet, now, ids[len(messages)]))
+            messages.append(ingress.to_message(packet, now))
             nbytes += len(packet.payload)
         ingress.received += len(acks)
         if acks:
@@ -394,7 +391,9 @@ class MqttIngress:
 
     # -- the message shape ----------------------------------------------------------------
 
-    def to_message(self, packet: Publish, now: float, message_id: str | None = None) -> NewMessage:
+    def to_message(self, packet: Publish, now: float, message_id: str = "") -> NewMessage:
+        """The store's form of a PUBLISH. Without ``message_id`` the store derives the id from
+        the received time and the message's seq (docs/architecture.md)."""
         topic = packet.topic
         attrs = {ATTR_MQTT_TOPIC: topic, ATTR_MQTT_QOS: _QOS_TEXT[packet.qos]}
         if packet.retain:
@@ -406,7 +405,7 @@ class MqttIngress:
             for key, value in props.user_properties:
                 if key not in RESERVED_ATTRIBUTES:
                     attrs[key] = value
-        message = NewMessage(message_id or new_message_id(now), topic, packet.payload, attrs, now)
+        message = NewMessage(message_id, topic, packet.payload, attrs, now)
         size = len(packet.payload)
         if size > self.cfg.max_message_bytes:
             self.too_large += 1

@@ -1,50 +1,27 @@
-"""The store's SQLite layer: schema, invariants and every statement. Synchronous; the async
-``Store`` runs all of it on one dedicated thread, so there is one connection and one writer.
+"""The store's SQLite layer (format 2): a log of segments with a cursor per destination.
 
-Schema (``PRAGMA user_version`` = 1; WAL journal; auto_vacuum=INCREMENTAL)::
+Synchronous; the async ``Store`` runs all of it on one dedicated thread, so there is one
+connection and one writer. The on-disk layout and the invariants are written down in
+``docs/architecture.md`` (*The store*); the numbers below refer to them:
 
-    messages(seq INTEGER PRIMARY KEY,   -- arrival order, assigned at insert
-             id TEXT,                   -- stable gateway message id
-             queue TEXT,                -- the uplink (or store-backend queue) it waits for
-             topic TEXT,                -- order key: the MQTT topic
-             payload BLOB, attributes BLOB (JSON object or NULL),
-             size INTEGER,              -- bytes counted against store.max_bytes
-             priority INTEGER, received_at REAL, not_before REAL,
-             attempts INTEGER,          -- failed deliveries so far
-             lease_until REAL,          -- unused (leases are in memory); cleared at start
-             last_error TEXT)
-    dead_letters(dl_seq INTEGER PRIMARY KEY, id, queue, topic, payload, attributes,
-                 size, received_at, failed_at, attempts, reason)
-    counters(queue, name, value)        -- delivered_total, dropped:<reason>, ...
-
-Invariants:
-
-1. A message is in exactly one place: ``messages``, ``dead_letters``, or gone. It leaves
-   ``messages`` only by (a) delivery confirmed by the uplink, (b) dead-lettering with a
-   reason, or (c) a retention drop, which increments ``dropped:<reason>`` in the same
-   transaction.
-2. ``append`` returns only after the transaction holding the message committed with the
-   configured durability (``synchronous=FULL`` by default), so an acknowledgement sent after
-   it survives a crash or power cut. Settle and expiry transactions run with
-   ``synchronous=NORMAL``: losing one of them on power loss only causes a redelivery, and
-   the next FULL commit syncs the WAL frames before it.
-3. Order: within a queue, ready messages are leased by (priority DESC, seq). A topic with a
-   message waiting for a retry (attempts > 0, backoff or in flight) leases nothing behind
-   it, so per-topic order holds across retries, outages and restarts. Messages held back
-   by ``delay_seconds`` do not block their topic.
-4. A lease is a deadline on the monotonic clock, held in memory (``gateway.store.leases``),
-   never written: leasing is a read, a release costs nothing. An expired lease makes the
-   message ready again and counts as an attempt. A restart forgets every lease, so what was
-   not settled is delivered again. (``lease_until`` is only read to clear leases that
-   earlier gateways wrote.)
-5. A full disk never wedges the store: an 8 MiB reserve file beside it is given back on
-   SQLITE_FULL so deletes and checkpoints can still be written (``reserve``). The
-   WAL's committed, uncheckpointed content stays under the reserve (autocheckpoint at half
-   of it, one transaction at most a quarter), so a checkpoint always fits in what the
-   reserve gives back; appends are refused without writing for a second at a time after
-   SQLITE_FULL, so what was given back goes to the drain.
-6. Retention is store-wide on counted bytes and messages: when_full=drop_oldest deletes the
-   oldest messages of any queue; reject_new refuses the newcomer. Both are counted.
+1. ``append`` returns only after the transaction holding the frame committed with the
+   configured durability (``synchronous=FULL`` by default).
+2. A cursor passes a record only when it was delivered, parked or dead-lettered (durably,
+   before the cursor's new position is persisted), or dropped by a counted retention policy.
+3. A crash makes a cursor resume from its persisted position: redelivery, never loss; the
+   window is counted at the next start (``redelivery_window``).
+4. Segments are freed only behind every *persisted* cursor, in the transaction that persists
+   them (``sync_cursors``).
+5. A frame is read only when its header names the position read from, and its CRC matches;
+   a damaged frame is counted (``dropped:corrupt``) and skipped.
+6. Per destination: seq order, merged with ready parked messages by (priority desc, seq); a
+   topic with a parked chain takes nothing from the log (its records are parked behind).
+7. Retention is store-wide (count and counted bytes between the lowest cursor and the head,
+   plus parked) and every drop is counted per queue.
+8. A full disk never wedges the store (reuse needs no new space; the reserve covers a
+   checkpoint; ``drop_oldest`` frees the oldest segment).
+9. Only the owner (the daemon) appends, moves cursors or frees segments; side users
+   (``dlq replay|purge``) write ``parked``, ``dead_letters`` and ``counters`` only.
 """
 
 from __future__ import annotations
@@ -54,14 +31,17 @@ import os
 import sqlite3
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import orjson
-
 from gateway.config import StoreConfig
+from gateway.message import new_message_id
+from gateway.store import parked
+from gateway.store.cursors import Cursor
+from gateway.store.frames import MAX_DELTA_MS, Frame, Record, extras_blob, mqtt_flags, record_size
 from gateway.store.leases import Leases
+from gateway.store.log import Chunk, Damaged, Log
 from gateway.store.records import (
     STORED,
     AppendOutcome,
@@ -73,69 +53,35 @@ from gateway.store.records import (
     StoredMessage,
 )
 from gateway.store.reserve import RESERVE_BYTES, DiskReserve
+from gateway.store.segments import SegmentIo
 
 R = TypeVar("R")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 SQLITE_FULL = 13
 #: after a full disk refused an append, how long appends are refused without trying
 FULL_PROBE_SECONDS = 1.0
+#: the most messages one lease hands out
+MAX_LEASE = 10_000
 
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS messages(
-    seq INTEGER PRIMARY KEY,
-    id TEXT NOT NULL,
+CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS queues(qid INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE);
+CREATE TABLE IF NOT EXISTS segments(slot INTEGER PRIMARY KEY, data BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS cursors(
+    name TEXT PRIMARY KEY,
     queue TEXT NOT NULL,
-    topic TEXT NOT NULL,
-    payload BLOB NOT NULL,
-    attributes BLOB,
-    size INTEGER NOT NULL,
-    priority INTEGER NOT NULL DEFAULT 0,
-    received_at REAL NOT NULL,
-    not_before REAL NOT NULL DEFAULT 0,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    lease_until REAL NOT NULL DEFAULT 0,
-    last_error TEXT
-);
-CREATE INDEX IF NOT EXISTS messages_ready ON messages(queue, priority DESC, seq);
-CREATE INDEX IF NOT EXISTS messages_retrying ON messages(queue, topic) WHERE attempts > 0;
-CREATE TABLE IF NOT EXISTS dead_letters(
-    dl_seq INTEGER PRIMARY KEY,
-    id TEXT NOT NULL,
-    queue TEXT NOT NULL,
-    topic TEXT NOT NULL,
-    payload BLOB NOT NULL,
-    attributes BLOB,
-    size INTEGER NOT NULL,
-    received_at REAL NOT NULL,
-    failed_at REAL NOT NULL,
-    attempts INTEGER NOT NULL,
-    reason TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS dead_letters_queue ON dead_letters(queue, dl_seq);
+    seq INTEGER NOT NULL,
+    pos INTEGER NOT NULL,
+    updated_at REAL NOT NULL DEFAULT 0
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS counters(
     queue TEXT NOT NULL,
     name TEXT NOT NULL,
     value INTEGER NOT NULL,
     PRIMARY KEY(queue, name)
 ) WITHOUT ROWID;
-"""
-
-_MSG_COLUMNS = "seq, id, queue, topic, payload, attributes, received_at, priority, attempts"
-
-
-def _attrs_blob(attributes: dict[str, str]) -> bytes | None:
-    return orjson.dumps(attributes) if attributes else None
-
-
-def _attrs(blob: bytes | None) -> dict[str, str]:
-    return orjson.loads(blob) if blob else {}
-
-
-def _row_to_message(row: Sequence[Any]) -> StoredMessage:
-    return StoredMessage(row[0], row[1], row[2], row[3], row[4], _attrs(row[5]), row[6],
-                         row[7], row[8])
-
+""" + parked.SCHEMA
 
 #: the dead-letter table's byte cap (its message cap is store.dead_letter_max_messages)
 DEAD_LETTER_MAX_BYTES = 64 * 1024**2
@@ -143,7 +89,7 @@ DEAD_LETTER_MAX_BYTES = 64 * 1024**2
 
 @dataclass(frozen=True, slots=True)
 class Limits:
-    """The retention and retry settings the SQL layer enforces."""
+    """The retention, retry and log settings the SQL layer enforces."""
 
     max_bytes: int
     max_messages: int
@@ -153,29 +99,44 @@ class Limits:
     dead_letter_max_bytes: int = DEAD_LETTER_MAX_BYTES
     max_page_count: int = 0
     durability: str = "full"
+    segment_bytes: int = 256 * 1024
+    compression: str = "zlib"
+    cursor_sync_interval: float = 1.0
+    cursor_sync_messages: int = 1000
 
     @classmethod
     def from_config(cls, cfg: StoreConfig) -> Limits:
         return cls(max_bytes=cfg.max_bytes, max_messages=cfg.max_messages,
                    when_full=cfg.when_full, max_attempts=cfg.max_attempts,
                    dead_letter_max_messages=cfg.dead_letter_max_messages,
-                   max_page_count=cfg.max_page_count, durability=cfg.durability)
+                   max_page_count=cfg.max_page_count, durability=cfg.durability,
+                   segment_bytes=cfg.segment_bytes, compression=cfg.compression,
+                   cursor_sync_interval=cfg.cursor_sync_interval,
+                   cursor_sync_messages=cfg.cursor_sync_messages)
+
 
 def is_disk_full(exc: BaseException) -> bool:
     return isinstance(exc, sqlite3.Error) and getattr(exc, "sqlite_errorcode", None) == SQLITE_FULL
 
 
-class StoreDb:
-    """One connection; not thread-safe; every method runs on the store thread."""
+class NewerStore(sqlite3.DatabaseError):
+    """A store written by a newer gateway: refused, left untouched."""
 
-    def __init__(self, path: str, limits: Limits, readonly: bool = False) -> None:
+
+class StoreDb:
+    """One connection; not thread-safe; every method runs on the store thread.
+
+    ``readonly``: a reader (``status``, ``dlq list``). ``owner=False``: a side user that may
+    write dead letters and replays (``dlq replay|purge``) while the daemon owns the log."""
+
+    def __init__(self, path: str, limits: Limits, readonly: bool = False,
+                 owner: bool = True) -> None:
         self.path = path
         self.limits = limits
         self.readonly = readonly
+        self.owner = owner and not readonly
         self.conn: sqlite3.Connection | None = None
         self._sync_mode = ""
-        self.count = 0  # messages in ``messages``
-        self.bytes = 0  # sum of ``messages.size``
         self.dead_count = 0
         self.dead_bytes = 0
         #: drops that could not be written (disk full); flushed with the next transaction
@@ -184,9 +145,16 @@ class StoreDb:
         self._refuse_appends_until = 0.0
         self.page_size = 1024
         self.leases = Leases()
-        #: soft cap on what one transaction writes (payload bytes of an append, pages of a settle)
+        #: soft cap on what one transaction writes (payload bytes of an append)
         self.max_txn_bytes = 64 * 1024**2
-        self.reserve = DiskReserve(path + ".reserve", 0 if readonly else RESERVE_BYTES)
+        self.reserve = DiskReserve(path + ".reserve", RESERVE_BYTES if self.owner else 0)
+        self.log: Log | None = None
+        self.cursors: dict[str, Cursor] = {}
+        self.qids: dict[str, int] = {}
+        self.id_prefix = ""
+        self.clean_start = True
+        #: (messages, counted bytes) held, as of the last operation (read by other threads)
+        self.totals = (0, 0)
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -196,13 +164,14 @@ class StoreDb:
             self.conn = sqlite3.connect(uri, uri=True, isolation_level=None,
                                         check_same_thread=False)
             self.conn.execute("PRAGMA query_only=1")
+            if self._check_version(self.conn) == 1 or self._has_table("messages"):
+                raise sqlite3.DatabaseError(self._needs_migration())
+            if self._has_table("meta"):
+                self._load()
             return
-        parent = os.path.dirname(os.path.abspath(self.path))
-        os.makedirs(parent, exist_ok=True)
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self.conn = conn
-        # Small pages: a commit of a few dozen messages rewrites ~1 KB leaves instead of
-        # 4 KB ones, which cuts bytes written per message by ~40% (SD card wear).
         conn.execute("PRAGMA page_size=1024")  # only takes effect on a new file
         conn.execute("PRAGMA auto_vacuum=INCREMENTAL")  # only takes effect on a new file
         mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
@@ -212,26 +181,130 @@ class StoreDb:
         conn.execute("PRAGMA temp_store=MEMORY")
         if self.limits.max_page_count:
             conn.execute(f"PRAGMA max_page_count={int(self.limits.max_page_count)}")
-        # A checkpoint copies the WAL's new pages into the database file, so on a full disk it
-        # needs up to the WAL's committed size in free space: the autocheckpoint threshold
-        # plus one transaction. Both are kept small enough for the reserve to cover them.
-        self.page_size = int(conn.execute("PRAGMA page_size").fetchone()[0])
+        self._size_wal()
+        version = self._check_version(conn)
+        if not self.owner:
+            if version == 1 or self._has_table("messages"):
+                raise sqlite3.DatabaseError(self._needs_migration())
+            self._load()
+            return
+        if version == 1 or self._has_table("messages"):
+            from gateway.store.migrate import migrate_v1
+
+            self._create_schema()
+            self._load()
+            migrate_v1(self)
+        else:
+            self._create_schema()
+            self._load()
+        self._start()
+        self.reserve.ensure()
+
+    def _size_wal(self) -> None:
+        """A checkpoint copies the WAL's new pages into the database file, so on a full disk
+        it needs up to the WAL's committed size in free space: the autocheckpoint threshold
+        plus one transaction, both kept small enough for the reserve to cover them."""
+        c = self._c
+        self.page_size = int(c.execute("PRAGMA page_size").fetchone()[0])
         reserve = self.reserve.planned_size()
         if reserve > 0:
             wal_pages = max(64, min(1000, reserve // 2 // self.page_size))
-            conn.execute(f"PRAGMA wal_autocheckpoint={wal_pages}")
+            c.execute(f"PRAGMA wal_autocheckpoint={wal_pages}")
             self.max_txn_bytes = max(64 * 1024, reserve // 4)
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
+
+    def _check_version(self, conn: sqlite3.Connection) -> int:
+        version = int(conn.execute("PRAGMA user_version").fetchone()[0])
         if version > SCHEMA_VERSION:
-            raise sqlite3.DatabaseError(
-                f"{self.path} has schema version {version}; this gateway knows {SCHEMA_VERSION}")
-        conn.executescript(_SCHEMA)
-        conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-        self._load_totals()
-        self.reserve.ensure()
+            raise NewerStore(f"{self.path} is a store of format {version}, written by a newer "
+                             f"gateway; this gateway reads formats 1 and {SCHEMA_VERSION}. "
+                             "Run the newer gateway, or move the file aside")
+        return version
+
+    def _needs_migration(self) -> str:
+        return (f"{self.path} is a store of format 1; the daemon migrates it to format "
+                f"{SCHEMA_VERSION} when it starts (openhqm-gateway run)")
+
+    def _has_table(self, name: str) -> bool:
+        return self._c.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
+                               (name,)).fetchone() is not None
+
+    def _create_schema(self) -> None:
+        c = self._c
+        c.executescript(_SCHEMA)
+        if c.execute("SELECT 1 FROM meta WHERE key = 'id_prefix'").fetchone() is None:
+            c.execute("INSERT INTO meta(key, value) VALUES ('id_prefix', ?)", (os.urandom(5).hex(),))
+            c.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('clean_stop', 1)")
+        if not self._has_table("messages"):
+            c.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    def _segment_bytes(self) -> int:
+        """The configured ring segment size, smaller for tiny stores (a sixteenth of their
+        byte or page budget, at least 4 KiB)."""
+        size = self.limits.segment_bytes
+        size = min(size, max(4096, self.limits.max_bytes // 16))
+        if self.limits.max_page_count:
+            size = min(size, max(4096, self.limits.max_page_count * self.page_size // 16))
+        return size
+
+    def _load(self) -> None:
+        """Read meta, queues, cursors, parked and dead-letter totals and the log's segments."""
+        c = self._c
+        meta = dict(c.execute("SELECT key, value FROM meta").fetchall())
+        self.id_prefix = str(meta.get("id_prefix", "0000000000"))
+        self.clean_start = str(meta.get("clean_stop", "1")) == "1"
+        self.qids = {name: qid for qid, name in c.execute("SELECT qid, name FROM queues")}
+        self.cursors = {}
+        for name, queue, seq, pos in c.execute("SELECT name, queue, seq, pos FROM cursors"):
+            self.cursors[name] = Cursor(name, queue, self.qids.get(queue, -1), seq, pos,
+                                        prefix=self.id_prefix)
+        self._load_parked()
+        self._load_dead()
+        self.log = Log(SegmentIo(c), self._segment_bytes(), self.limits.compression == "zlib")
+        tail = min((cur.saved_pos for cur in self.cursors.values()), default=None)
+        start = max(((cur.saved_pos, cur.saved_seq) for cur in self.cursors.values()),
+                    default=(0, 0))
+        doomed = self.log.load(tail if tail is not None else 1 << 62, (*start, 0))
+        if doomed and self.owner:
+            self._begin(durable=False)
+            self.log.io.delete(doomed)
+            self._commit()
+
+    def _load_parked(self) -> None:
+        totals = parked.totals(self._c)
+        for cur in self.cursors.values():
+            count, nbytes, chains = totals.get(cur.name, (0, 0, {}))
+            cur.parked_count, cur.parked_bytes, cur.chains = count, nbytes, chains
+
+    def _load_dead(self) -> None:
+        self.dead_count, self.dead_bytes = self._c.execute(
+            "SELECT count(*), coalesce(sum(size), 0) FROM dead_letters").fetchone()
+
+    def _start(self) -> None:
+        """The owner takes over: position every cursor, count the redelivery window after an
+        unclean stop, mark the store open."""
+        log = self._log
+        window: Counter[str] = Counter()
+        for cur in self.cursors.values():
+            cur.position(log, self._on_loss)
+            if not self.clean_start:
+                window[cur.queue] += min(max(0, log.head_seq - cur.saved_seq),
+                                         self.limits.cursor_sync_messages)
+        self._begin(durable=False)
+        for queue, n in window.items():
+            self._bump(queue, "redelivery_window", n)
+        self._c.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('clean_stop', 0)")
+        self._commit()
+        self._retotal()
 
     def close(self) -> None:
         if self.conn is not None:
+            if self.owner:
+                with contextlib.suppress(sqlite3.Error):
+                    self.sync_cursors(force=True)
+                    self._begin(durable=True)
+                    self._c.execute("INSERT OR REPLACE INTO meta(key, value) "
+                                    "VALUES ('clean_stop', 1)")
+                    self._commit()
             if not self.readonly:
                 with contextlib.suppress(sqlite3.Error):
                     self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -239,21 +312,27 @@ class StoreDb:
             self.conn = None
 
     def refresh_totals(self) -> None:
-        """Recount after writers outside this process (``dlq replay``) changed the tables."""
-        self._load_totals()
+        """Re-read what side users (``dlq replay|purge``) may have changed."""
+        self._load_parked()
+        self._load_dead()
 
-    def _load_totals(self) -> None:
-        c = self._c
-        self.count, self.bytes = c.execute(
-            "SELECT count(*), coalesce(sum(size), 0) FROM messages").fetchone()
-        self.dead_count, self.dead_bytes = c.execute(
-            "SELECT count(*), coalesce(sum(size), 0) FROM dead_letters").fetchone()
+    def release_all_leases(self) -> int:
+        """At daemon start: leases live in memory, a new process holds none."""
+        n = len(self.leases)
+        self.leases.clear()
+        return n
 
     @property
     def _c(self) -> sqlite3.Connection:
         if self.conn is None:
             raise sqlite3.ProgrammingError("store is not open")
         return self.conn
+
+    @property
+    def _log(self) -> Log:
+        if self.log is None:
+            raise sqlite3.ProgrammingError("store is not open")
+        return self.log
 
     def _sync(self, mode: str) -> None:
         if mode != self._sync_mode:
@@ -273,15 +352,6 @@ class StoreDb:
     def _rollback(self) -> None:
         with contextlib.suppress(sqlite3.Error):
             self._c.execute("ROLLBACK")
-
-    def release_all_leases(self) -> int:
-        """At daemon start: whoever held leases is gone. Leases live in memory; this clears
-        the ``lease_until`` that earlier gateways wrote into the rows."""
-        self.leases.clear()
-        self._begin(durable=False)
-        n = self._c.execute("UPDATE messages SET lease_until = 0 WHERE lease_until > 0").rowcount
-        self._commit()
-        return n
 
     # -- counters ----------------------------------------------------------------------
 
@@ -308,33 +378,72 @@ class StoreDb:
         except sqlite3.Error:
             self._rollback()
 
+    def _on_loss(self, cur: Cursor, n: int) -> None:
+        """Records a reader found damaged or missing: counted, never silently skipped."""
+        if n > 0:
+            self._unsaved[(cur.queue, "dropped:corrupt")] += n
+
+    # -- totals ------------------------------------------------------------------------
+
+    def _live(self) -> tuple[int, int]:
+        """(messages, counted bytes) the store holds: the log between the lowest cursor and
+        the head, and every parked message (invariant 7)."""
+        log = self._log
+        count = nbytes = 0
+        low: tuple[int, int, int] | None = None
+        for cur in self.cursors.values():
+            count += cur.parked_count
+            nbytes += cur.parked_bytes
+            mark = cur.watermark()
+            if low is None or mark[0] < low[0]:
+                low = mark
+        if low is not None:
+            count += log.head_seq - low[0]
+            nbytes += log.head_cum - low[2]
+        return count, nbytes
+
+    @property
+    def count(self) -> int:
+        return self._live()[0] if self.log is not None else 0
+
+    @property
+    def bytes(self) -> int:
+        return self._live()[1] if self.log is not None else 0
+
     # -- append ------------------------------------------------------------------------
 
     def append(self, groups: Sequence[tuple[str, Sequence[NewMessage]]]) -> list[list[AppendOutcome]]:
         """Store every group in one durable transaction; per-message outcomes.
 
         After SQLITE_FULL, appends are refused without touching the file for
-        ``FULL_PROBE_SECONDS`` at a time: what the disk reserve gave back is for the lease, the
-        delete and the checkpoint that drain the store, not for newcomers that cannot fit."""
+        ``FULL_PROBE_SECONDS`` at a time: what the disk reserve gave back is for the cursor
+        writes and the checkpoint that drain the store, not for newcomers that cannot fit."""
+        try:
+            return self._append(groups)
+        finally:
+            self._retotal()
+
+    def _append(self, groups: Sequence[tuple[str, Sequence[NewMessage]]]) -> list[list[AppendOutcome]]:
         if time.monotonic() < self._refuse_appends_until:
             return self._refuse_all(groups)
         try:
             return self._append_once(groups)
         except sqlite3.Error as exc:
-            self._rollback()
-            self._load_totals()
             if not is_disk_full(exc):
                 raise
-        # The disk (or max_page_count) is full. drop_oldest: make room and try once more.
+        # The disk (or max_page_count) is full. drop_oldest: free the oldest segment, retry.
         self.reserve.release()
         self.checkpoint()
-        if self.limits.when_full == "drop_oldest" and self.count:
+        if self.limits.when_full == "drop_oldest":
             try:
-                self._free_for_disk(sum(len(msgs) for _, msgs in groups))
-                return self._append_once(groups)
+                while self._free_oldest_segment("disk_full"):
+                    try:
+                        return self._append_once(groups)
+                    except sqlite3.Error as exc:
+                        if not is_disk_full(exc):
+                            raise
             except sqlite3.Error as exc:
                 self._rollback()
-                self._load_totals()
                 if not is_disk_full(exc):
                     raise
         self._refuse_appends_until = time.monotonic() + FULL_PROBE_SECONDS
@@ -350,343 +459,249 @@ class StoreDb:
         return AppendOutcome(AppendStatus.DROPPED, reason)
 
     def _append_once(self, groups: Sequence[tuple[str, Sequence[NewMessage]]]) -> list[list[AppendOutcome]]:
+        log = self._log
+        snap = log.snapshot()
+        cursors_before = set(self.cursors)
         self._begin(durable=True)
-        c = self._c
-        out: list[list[AppendOutcome]] = []
-        rows: list[tuple[Any, ...]] = []
-        for queue, msgs in groups:
-            outcomes: list[AppendOutcome] = []
-            for m in msgs:
-                attrs = _attrs_blob(m.attributes)
-                size = len(m.payload) + len(m.topic) + (len(attrs) if attrs else 0)
-                if m.dead_letter_reason is not None:
-                    self._insert_dead(c, queue, m, attrs, size)
-                    outcomes.append(AppendOutcome(AppendStatus.DEAD_LETTERED, m.dead_letter_reason))
-                    continue
-                refused = self._make_room(queue, size, rows)
-                if refused is not None:
-                    outcomes.append(refused)
-                    continue
-                not_before = m.received_at + m.delay_seconds if m.delay_seconds > 0 else 0.0
-                rows.append((m.id, queue, m.topic, m.payload, attrs, size, m.priority,
-                             m.received_at, not_before))
-                self.count += 1
-                self.bytes += size
-                outcomes.append(STORED)
-            out.append(outcomes)
-        self._insert_rows(rows)
-        self._trim_dead(c)
-        self._commit()
+        try:
+            out = [self._append_group(queue, msgs) for queue, msgs in groups]
+            self._trim_dead()
+            self._commit()
+        except BaseException:
+            self._rollback()
+            log.restore(snap)
+            for name in set(self.cursors) - cursors_before:
+                del self.cursors[name]
+            self._load_parked()
+            self._load_dead()
+            raise
         return out
 
-    def _insert_rows(self, rows: list[tuple[Any, ...]]) -> None:
-        self._c.executemany(
-            "INSERT INTO messages(id, queue, topic, payload, attributes, size, priority, "
-            "received_at, not_before) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
-        rows.clear()
-
-    def _make_room(self, queue: str, size: int, pending: list[tuple[Any, ...]]) -> AppendOutcome | None:
-        """Apply retention for one newcomer of ``size`` bytes; None when it may be stored.
-
-        ``pending`` holds rows of this transaction not inserted yet; they are inserted
-        before anything is dropped so that the oldest really go first."""
-        lim = self.limits
-        if size > lim.max_bytes:
-            self._bump(queue, "dropped:max_bytes")
-            return AppendOutcome(AppendStatus.DROPPED, "max_bytes")
-        over_count = self.count + 1 - lim.max_messages
-        over_bytes = self.bytes + size - lim.max_bytes
-        if over_count <= 0 and over_bytes <= 0:
-            return None
-        reason = "max_messages" if over_count > 0 else "max_bytes"
-        if lim.when_full == "reject_new":
-            self._bump(queue, f"dropped:{reason}")
-            return AppendOutcome(AppendStatus.DROPPED, reason)
-        self._insert_rows(pending)
-        self._drop_oldest(max(over_count, 0), max(over_bytes, 0), reason)
-        return None
-
-    def _drop_oldest(self, need_count: int, need_bytes: int, reason: str,
-                     chunk: int = 256) -> None:
-        """Delete the oldest messages until ``need_count`` and ``need_bytes`` are freed.
-
-        Frees at least a small chunk at a time, so a full store does not pay one DELETE per
-        newcomer."""
-        c = self._c
-        need_count = max(need_count, 1 if need_bytes <= 0 else 0)
-        freed_n = freed_b = 0
-        last = None
-        per_queue: Counter[str] = Counter()
-        while freed_n < need_count or freed_b < need_bytes:
-            rows = c.execute("SELECT seq, queue, size FROM messages WHERE seq > ? ORDER BY seq "
-                             "LIMIT ?", (last or 0, chunk)).fetchall()
-            if not rows:
-                break
-            for seq, q, size in rows:
-                last = seq
-                freed_n += 1
-                freed_b += size
-                per_queue[q] += 1
-                if freed_n >= need_count and freed_b >= need_bytes and freed_n >= min(chunk, 16):
-                    break
-            else:
+    def _append_group(self, queue: str, msgs: Sequence[NewMessage]) -> list[AppendOutcome]:
+        cur = self._cursor_for(queue)
+        log = self._log
+        outcomes: list[AppendOutcome] = []
+        records: list[Record] = []
+        sizes: list[int] = []
+        count, nbytes = self._live()
+        now = time.time()
+        lo = hi = 0
+        for m in msgs:
+            flags, attrs = mqtt_flags(m.attributes) if m.attributes else (0, None)
+            extras = extras_blob(m.id or None, attrs)
+            size = record_size(m.topic, len(m.payload), extras)
+            if m.dead_letter_reason is not None:
+                self._dead_on_arrival(queue, m, size)
+                outcomes.append(AppendOutcome(AppendStatus.DEAD_LETTERED, m.dead_letter_reason))
                 continue
-            break
-        if last is None:
+            refused = self._make_room(queue, size, count, nbytes, pending=records,
+                                      pending_sizes=sizes)
+            if refused is not None:
+                outcomes.append(refused)
+                continue
+            if not records:  # _make_room may have written them
+                count, nbytes = self._live()
+            count, nbytes = count + 1, nbytes + size
+            outcomes.append(STORED)
+            if m.priority or m.delay_seconds > 0:
+                self._park_new(cur, m, log.head_seq + len(records), now)
+                continue
+            ms = int(m.received_at * 1000)
+            if records and max(hi, ms) - min(lo, ms) > MAX_DELTA_MS:
+                self._write_frame(cur, records, sizes)  # a frame spans at most 49 days
+            if not records:
+                lo = hi = ms
+            lo, hi = min(lo, ms), max(hi, ms)
+            records.append(Record(m.topic, m.payload, ms, flags, extras))
+            sizes.append(size)
+        self._write_frame(cur, records, sizes)
+        return outcomes
+
+    def _write_frame(self, cur: Cursor, records: list[Record], sizes: list[int]) -> None:
+        if not records:
             return
-        c.execute("DELETE FROM messages WHERE seq <= ?", (last,))
-        self.count -= freed_n
-        self.bytes -= freed_b
-        for q, n in per_queue.items():
-            self._bump(q, f"dropped:{reason}", n)
+        log = self._log
+        if cur.frame is None and cur.read_seq == log.head_seq and not cur.outstanding:
+            cur.read_pos, cur.read_cum = log.head_pos, log.head_cum  # caught up: follow the head
+        log.append(records, cur.qid, sum(sizes))
+        records.clear()
+        sizes.clear()
 
-    def _free_for_disk(self, n: int) -> None:
-        """Disk full under drop_oldest: delete at least n (and 1% of) the oldest messages."""
-        self._begin(durable=False)
-        self._drop_oldest(max(n, self.count // 100, 1), 0, "disk_full")
-        self._commit()
-        self._c.execute("PRAGMA incremental_vacuum")
+    def _cursor_for(self, queue: str) -> Cursor:
+        """The queue's cursor, created at the head (in the caller's transaction) when new."""
+        cur = self.cursors.get(queue)
+        if cur is not None:
+            return cur
+        c, log = self._c, self._log
+        qid = self.qids.get(queue)
+        if qid is None:
+            row = c.execute("INSERT INTO queues(name) VALUES (?) RETURNING qid", (queue,)).fetchone()
+            qid = self.qids[queue] = int(row[0])
+        c.execute("INSERT OR REPLACE INTO cursors(name, queue, seq, pos, updated_at) "
+                  "VALUES (?, ?, ?, ?, ?)", (queue, queue, log.head_seq, log.head_pos, time.time()))
+        cur = self.cursors[queue] = Cursor(queue, queue, qid, log.head_seq, log.head_pos,
+                                           prefix=self.id_prefix)
+        cur.read_cum = log.head_cum
+        return cur
 
-    # -- dead letters ------------------------------------------------------------------
-
-    def _insert_dead(self, c: sqlite3.Connection, queue: str, m: NewMessage,
-                     attrs: bytes | None, size: int) -> None:
-        c.execute(
-            "INSERT INTO dead_letters(id, queue, topic, payload, attributes, size, received_at,"
-            " failed_at, attempts, reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, ?)",
-            (m.id, queue, m.topic, m.payload, attrs, size, m.received_at, time.time(),
-             m.dead_letter_reason))
+    def _dead_on_arrival(self, queue: str, m: NewMessage, size: int) -> None:
+        msg = StoredMessage.detached(0, queue, m.topic, m.payload, m.received_at, order=0,
+                                     priority=m.priority, attempts=0,
+                                     msg_id=m.id or new_message_id(m.received_at),
+                                     attributes=dict(m.attributes))
+        parked.insert_dead(self._c, queue, msg, 0, m.dead_letter_reason or "", now=time.time())
         self.dead_count += 1
         self.dead_bytes += size
         self._bump(queue, "dead_lettered_total")
 
-    def _move_to_dead(self, c: sqlite3.Connection, items: Iterable[tuple[int, str]], now: float) -> None:
-        for seq, reason in items:
-            row = c.execute("DELETE FROM messages WHERE seq = ? RETURNING id, queue, topic, "
-                            "payload, attributes, size, received_at, attempts",
-                            (seq,)).fetchone()
-            if row is None:
-                continue
-            c.execute(
-                "INSERT INTO dead_letters(id, queue, topic, payload, attributes, size,"
-                " received_at, failed_at, attempts, reason) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                (*row[:7], now, row[7], reason))
-            self.count -= 1
-            self.bytes -= row[5]
-            self.dead_count += 1
-            self.dead_bytes += row[5]
-            self._bump(row[1], "dead_lettered_total")
+    def _park_new(self, cur: Cursor, m: NewMessage, order: int, now: float) -> None:
+        """A delayed or prioritised message waits in ``parked``, outside any topic chain."""
+        msg = StoredMessage.detached(0, cur.queue, m.topic, m.payload, m.received_at,
+                                     order=order, priority=m.priority, attempts=0,
+                                     msg_id=m.id or new_message_id(m.received_at),
+                                     attributes=dict(m.attributes))
+        not_before = m.received_at + m.delay_seconds if m.delay_seconds > 0 else 0.0
+        n, size = parked.park(self._c, cur.name, [parked.ParkedRow(msg, 0, not_before, 0)])
+        cur.parked_count += n
+        cur.parked_bytes += size
 
-    def _trim_dead(self, c: sqlite3.Connection) -> None:
+    def _make_room(self, queue: str, size: int, count: int, nbytes: int, *,
+                   pending: list[Record], pending_sizes: list[int]) -> AppendOutcome | None:
+        """Apply retention for one newcomer of ``size`` bytes; None when it may be stored.
+        ``pending`` holds this group's records not written yet: they go before older
+        messages can be dropped, so the oldest really go first."""
         lim = self.limits
-        while self.dead_count > 0 and (self.dead_count > lim.dead_letter_max_messages
-                                       or self.dead_bytes > lim.dead_letter_max_bytes):
-            row = c.execute("DELETE FROM dead_letters WHERE dl_seq = "
-                            "(SELECT min(dl_seq) FROM dead_letters) RETURNING queue, size"
-                            ).fetchone()
-            if row is None:
+        if size > lim.max_bytes:
+            self._bump(queue, "dropped:max_bytes")
+            return AppendOutcome(AppendStatus.DROPPED, "max_bytes")
+        if count + 1 <= lim.max_messages and nbytes + size <= lim.max_bytes:
+            return None
+        reason = "max_messages" if count + 1 > lim.max_messages else "max_bytes"
+        if lim.when_full == "reject_new":
+            self._bump(queue, f"dropped:{reason}")
+            return AppendOutcome(AppendStatus.DROPPED, reason)
+        cur = self.cursors[queue]
+        self._write_frame(cur, pending, pending_sizes)
+        while True:
+            count, nbytes = self._live()
+            over = count + 1 - lim.max_messages
+            if over <= 0 and nbytes + size <= lim.max_bytes:
+                return None
+            # the oldest first: as many as the count needs (at least 16 at a time, so a full
+            # store does not pay a drop per newcomer), a whole frame when bytes are short
+            if not self._drop_oldest_frame(reason, at_most=max(over, 16) if nbytes + size
+                                           <= lim.max_bytes else None):
+                return None  # nothing left to drop but parked messages: store it anyway
+
+    # -- retention ---------------------------------------------------------------------
+
+    def _lowest(self) -> Cursor | None:
+        low: Cursor | None = None
+        mark = 0
+        for cur in self.cursors.values():
+            seq = cur.watermark()[0]
+            if low is None or seq < mark:
+                low, mark = cur, seq
+        return low
+
+    def _frame_holding(self, cur: Cursor) -> tuple[Frame | Damaged | None, int]:
+        """The frame holding ``cur``'s watermark."""
+        seq, pos, _ = cur.watermark()
+        chunk = Chunk()
+        log = self._log
+        while True:
+            found, _ = log.frame_at(pos, chunk)
+            if found is None or found.header.next_seq > seq:
+                return found, seq
+            pos = found.header.end
+
+    def _drop_oldest_frame(self, reason: str, before_ms: int | None = None,
+                           at_most: int | None = None) -> int:
+        """Move every cursor past the oldest frame still held (only ``at_most`` of its
+        records, or with ``before_ms`` only those received before that time), counting each
+        record a cursor had not settled as ``dropped:<reason>``. Returns how many records
+        were passed (0: none)."""
+        low = self._lowest()
+        if low is None:
+            return 0
+        found, seq = self._frame_holding(low)
+        if found is None:
+            return 0
+        header = found.header
+        target = header.next_seq
+        if before_ms is not None:
+            if isinstance(found, Damaged):
+                return 0
+            i = seq - header.first_seq
+            while i < header.count and found.received_ms(i) < before_ms:
+                i += 1
+            target = header.first_seq + i
+            if target <= seq:
+                return 0
+        if at_most is not None:
+            target = min(target, seq + at_most)
+        for cur in self.cursors.values():
+            self._skip(cur, header.qid, header.first_seq, target, reason)
+        return target - seq
+
+    def _skip(self, cur: Cursor, qid: int, first: int, target: int, reason: str) -> None:
+        if cur.watermark()[0] >= target:
+            return
+        lost = max(0, target - max(cur.read_seq, first)) if qid == cur.qid else 0
+        gone = cur.skip_to(target, self._log, self._on_loss)
+        self._unsaved[(cur.queue, f"dropped:{reason}")] += lost + len(gone)
+
+    def _free_oldest_segment(self, reason: str) -> bool:
+        """Disk full: move every cursor past the oldest segment, persist them and free it.
+        False when only the head segment is left."""
+        log = self._log
+        end = log.oldest_end()
+        if end is None:
+            return False
+        while min((c.watermark()[1] for c in self.cursors.values()), default=end) < end:
+            if not self._drop_oldest_frame(reason):
                 break
-            self.dead_count -= 1
-            self.dead_bytes -= row[1]
-            self._bump(row[0], "dropped:dead_letter_full")
-
-    def list_dead(self, queue: str | None, limit: int) -> list[DeadLetter]:
-        sql = ("SELECT dl_seq, id, queue, topic, payload, attributes, received_at, failed_at, "
-               "attempts, reason FROM dead_letters")
-        args: tuple[Any, ...] = ()
-        if queue is not None:
-            sql += " WHERE queue = ?"
-            args = (queue,)
-        rows = self._c.execute(sql + " ORDER BY dl_seq LIMIT ?", (*args, limit)).fetchall()
-        return [DeadLetter(r[0], r[1], r[2], r[3], r[4], _attrs(r[5]), r[6], r[7], r[8], r[9])
-                for r in rows]
-
-    def replay_dead(self, queue: str | None, ids: Sequence[str] | None) -> int:
-        """Move dead letters back into ``messages`` (attempts reset); returns how many."""
-        where, args = self._dead_filter(queue, ids)
-        self._begin(durable=True)
-        c = self._c
-        rows = c.execute("DELETE FROM dead_letters" + where + " RETURNING id, queue, topic, "
-                         "payload, attributes, size, received_at", args).fetchall()
-        c.executemany("INSERT INTO messages(id, queue, topic, payload, attributes, size, "
-                      "received_at, not_before) VALUES (?, ?, ?, ?, ?, ?, ?, 0)",
-                      [tuple(r) for r in rows])
-        for r in rows:
-            self.dead_count -= 1
-            self.dead_bytes -= r[5]
-            self.count += 1
-            self.bytes += r[5]
-        self._commit()
-        return len(rows)
-
-    def purge_dead(self, queue: str | None, ids: Sequence[str] | None) -> int:
-        where, args = self._dead_filter(queue, ids)
-        self._begin(durable=False)
-        rows = self._c.execute("DELETE FROM dead_letters" + where + " RETURNING size",
-                               args).fetchall()
-        self.dead_count -= len(rows)
-        self.dead_bytes -= sum(r[0] for r in rows)
-        self._commit()
-        return len(rows)
-
-    @staticmethod
-    def _dead_filter(queue: str | None, ids: Sequence[str] | None) -> tuple[str, tuple[Any, ...]]:
-        clauses: list[str] = []
-        args: list[Any] = []
-        if queue is not None:
-            clauses.append("queue = ?")
-            args.append(queue)
-        if ids is not None:
-            clauses.append(f"id IN ({','.join('?' * len(ids))})" if ids else "0")
-            args.extend(ids)
-        return (" WHERE " + " AND ".join(clauses) if clauses else ""), tuple(args)
-
-    # -- delivery ----------------------------------------------------------------------
-
-    def lease(self, queue: str, limit: int, lease_seconds: float, now: float,
-              max_bytes: int = 0) -> list[StoredMessage]:
-        """Up to ``limit`` messages and, when ``max_bytes`` > 0, up to that many payload
-        bytes (the first message always, however large)."""
-        # leasing writes nothing; settling a batch rewrites at worst a table and an index
-        # leaf page per row, and one transaction stays under max_txn_bytes
-        limit = min(limit, max(8, self.max_txn_bytes // (2 * self.page_size)))
-        return self._with_room(self._lease, queue, limit, lease_seconds, now, max_bytes)
-
-    def settle(self, s: Settlement, now: float) -> None:
-        self._with_room(self._settle, s, now)
+        self.sync_cursors(force=True)
+        return True
 
     def expire(self, max_age: float, now: float, chunk: int = 1000) -> int:
-        return self._with_room(self._expire, max_age, now, chunk)
-
-    def _with_room(self, fn: Callable[..., R], *args: Any) -> R:
-        """Run a write; on SQLITE_FULL, checkpoint and try once more.
-
-        On a full file system even a DELETE fails when the WAL must grow. After a
-        RESTART checkpoint the next transaction writes from the start of the existing WAL
-        file, so the lease and the delete that free space can still be written."""
-        try:
-            return fn(*args)
-        except sqlite3.Error as exc:
-            self._rollback()
-            self._load_totals()
-            if not is_disk_full(exc):
-                raise
-        self.reserve.release()
-        self.checkpoint()
-        return fn(*args)
-
-    def checkpoint(self) -> None:
-        with contextlib.suppress(sqlite3.Error):
-            self._c.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-
-    def _lease(self, queue: str, limit: int, lease_seconds: float, now: float,
-               max_bytes: int) -> list[StoredMessage]:
-        """Lease up to ``limit`` ready messages, in delivery order (invariants 3 and 4)."""
-        c = self._c
-        mono = time.monotonic()
-        expired = self.leases.expire(queue, mono)
-        if expired:  # an expired lease was an attempt
-            self._begin(durable=False)
-            c.execute("UPDATE messages SET attempts = attempts + 1 "
-                      "WHERE seq IN (SELECT value FROM json_each(?))", (orjson.dumps(expired),))
-            self._commit()
-        cursor = c.execute(
-            f"""SELECT {_MSG_COLUMNS} FROM messages
-                WHERE queue = :q
-                  AND not_before <= :now
-                  AND seq NOT IN (SELECT value FROM json_each(:held))
-                  AND topic NOT IN (SELECT value FROM json_each(:blocked))
-                  AND topic NOT IN (
-                      SELECT topic FROM messages
-                      WHERE queue = :q AND attempts > 0 AND not_before > :now)
-                ORDER BY priority DESC, seq
-                LIMIT :limit""",
-            {"q": queue, "now": now, "limit": limit,
-             "held": orjson.dumps(self.leases.held(queue)),
-             "blocked": orjson.dumps(self.leases.blocked_topics(queue))})
-        rows: list[Any]
-        if max_bytes > 0:  # read row by row and stop at the budget
-            rows, size = [], 0
-            for row in cursor:
-                size += len(row[4])
-                if rows and size > max_bytes:
-                    break
-                rows.append(row)
-                if size >= max_bytes:
-                    break
-            cursor.close()
-        else:
-            rows = cursor.fetchall()
-        self.leases.hold(queue, ((r[0], r[3], r[8]) for r in rows), mono + lease_seconds)
-        return [_row_to_message(r) for r in rows]
-
-    def _settle(self, s: Settlement, now: float) -> None:
-        self._begin(durable=False)
-        c = self._c
-        if s.delivered:
-            # One statement for the whole batch: per-row DELETEs cost as much as the uplink.
-            rows = c.execute("DELETE FROM messages WHERE seq IN (SELECT value FROM json_each(?)) "
-                             "RETURNING queue, size", (orjson.dumps(s.delivered),)).fetchall()
-            if rows:
-                self._refuse_appends_until = 0.0  # the drain made room
-            by_queue: Counter[str] = Counter()
-            for queue, size in rows:
-                by_queue[queue] += 1
-                self.bytes -= size
-            self.count -= len(rows)
-            for q, n in by_queue.items():
-                self._bump(q, "delivered_total", n)
-        dead = list(s.dead)
-        retry_rows = []
-        for seq, delay, error in s.retry:
-            row = c.execute("SELECT attempts FROM messages WHERE seq = ?", (seq,)).fetchone()
-            if row is None:
-                continue
-            if row[0] + 1 >= self.limits.max_attempts:
-                dead.append((seq, f"gave up after {row[0] + 1} attempts: {error}"))
-            else:
-                retry_rows.append((now + delay, error[:1000], seq))
-        c.executemany("UPDATE messages SET attempts = attempts + 1, not_before = ?, "
-                      "last_error = ? WHERE seq = ?", retry_rows)
-        self._move_to_dead(c, dead, now)
-        self._trim_dead(c)
-        self._commit()
-        # only once committed: a failed settle keeps its leases until they expire
-        leases = self.leases
-        leases.drop(s.delivered)
-        leases.drop(seq for seq, _, _ in s.retry)
-        leases.drop(seq for seq, _ in s.dead)
-        leases.drop(s.release)
-
-    def next_due(self, queue: str, now: float) -> float | None:
-        """The earliest time (wall clock) a waiting message becomes ready: a delayed or
-        backing-off one falls due, or a lease runs out."""
-        row = self._c.execute("SELECT min(not_before) FROM messages WHERE queue = ? AND "
-                              "not_before > ?", (queue, now)).fetchone()
-        due = float(row[0]) if row and row[0] is not None else None
-        expiry = self.leases.next_expiry(queue)
-        if expiry is not None:
-            lease_due = now + max(0.0, expiry - time.monotonic())
-            due = lease_due if due is None else min(due, lease_due)
-        return due
-
-    def _expire(self, max_age: float, now: float, chunk: int = 1000) -> int:
-        """Drop messages older than ``max_age`` (reason max_age). Returns how many."""
+        """Drop messages received more than ``max_age`` ago (reason max_age): move cursors
+        past them in the log and delete old parked rows. Returns how many."""
         cutoff = now - max_age
+        total = 0
+        while total < chunk:
+            n = self._drop_oldest_frame("max_age", before_ms=int(cutoff * 1000))
+            if not n:
+                break
+            total += n
         self._begin(durable=False)
-        c = self._c
-        rows = c.execute("SELECT seq, queue, size FROM messages WHERE received_at < ? "
-                         "ORDER BY seq LIMIT ?", (cutoff, chunk)).fetchall()
-        per_queue: Counter[str] = Counter()
-        for seq, q, size in rows:
-            c.execute("DELETE FROM messages WHERE seq = ?", (seq,))
-            per_queue[q] += 1
-            self.count -= 1
-            self.bytes -= size
-        for q, n in per_queue.items():
-            self._bump(q, "dropped:max_age", n)
-        self._commit()
-        return len(rows)
+        try:
+            for name, topic, size, chain in parked.expire(self._c, cutoff):
+                self._parked_gone(name, topic, size, chain)
+                self._unsaved[(self.cursors[name].queue if name in self.cursors else name,
+                               "dropped:max_age")] += 1
+                total += 1
+            self._commit()
+        except BaseException:
+            self._rollback()
+            raise
+        if total:
+            self.sync_cursors(force=True)
+        self._retotal()
+        return total
+
+    def _parked_gone(self, name: str, topic: str, size: int, chain: int) -> None:
+        cur = self.cursors.get(name)
+        if cur is None:
+            return
+        cur.parked_count -= 1
+        cur.parked_bytes -= size
+        if chain:
+            left = cur.chains.get(topic, 0) - 1
+            if left > 0:
+                cur.chains[topic] = left
+            else:
+                cur.chains.pop(topic, None)
 
     def vacuum_if_sparse(self) -> int:
         """Give free pages back to the file system when a quarter of the file is free."""
@@ -699,59 +714,479 @@ class StoreDb:
             return int(free)
         return 0
 
-    # -- queue management and stats -----------------------------------------------------
+    # -- cursors -----------------------------------------------------------------------
 
-    def depth(self, queue: str) -> int:
-        return int(self._c.execute("SELECT count(*) FROM messages WHERE queue = ?",
-                                   (queue,)).fetchone()[0])
+    def sync_due(self) -> bool:
+        """Some cursor has unsaved progress."""
+        return any(c.dirty() for c in self.cursors.values()) or bool(self._unsaved)
 
-    def purge(self, queue: str) -> int:
+    def sync_cursors(self, force: bool = False) -> bool:
+        """Persist cursors that moved (with their delivered counters) and free the segments
+        every persisted cursor has passed, in one transaction (invariant 4). Without
+        ``force``, only when a cursor's sync is due (interval or message count)."""
+        if not self.owner:
+            return False
+        lim = self.limits
+        mono = time.monotonic()
+        due = [c for c in self.cursors.values() if c.dirty() and (
+            force or c.unsaved >= lim.cursor_sync_messages
+            or mono - c.last_sync >= lim.cursor_sync_interval)]
+        if not due and not (force and self._unsaved):
+            return False
+        snap = self._log.snapshot()
         self._begin(durable=False)
-        rows = self._c.execute("DELETE FROM messages WHERE queue = ? RETURNING size",
-                               (queue,)).fetchall()
-        self.count -= len(rows)
-        self.bytes -= sum(r[0] for r in rows)
-        self._commit()
-        self.leases.drop_queue(queue)
+        try:
+            now = time.time()
+            marks = {}
+            for cur in due:
+                seq, pos, _ = marks[cur.name] = cur.watermark()
+                self._c.execute("UPDATE cursors SET seq = ?, pos = ?, updated_at = ? "
+                                "WHERE name = ?", (seq, pos, now, cur.name))
+                self._bump(cur.queue, "delivered_total", cur.delivered_unsaved)
+            tail = min((marks[c.name][1] if c.name in marks else c.saved_pos)
+                       for c in self.cursors.values())
+            doomed = self._log.free_upto(tail)
+            if doomed:
+                self._log.io.delete(doomed)
+            self._commit()
+        except BaseException:
+            self._rollback()
+            self._log.restore(snap)
+            raise
+        for cur in due:
+            cur.saved_seq, cur.saved_pos, _ = marks[cur.name]
+            cur.unsaved = cur.delivered_unsaved = 0
+            cur.last_sync = mono
+        return True
+
+    def sync_and_check(self) -> bool:
+        """The timer's sync: persist what is due; True when some cursor still has unsaved
+        progress (the caller arms the timer again)."""
+        self.sync_cursors()
+        self._retotal()
+        return self.sync_due()
+
+    def _retotal(self) -> None:
+        if self.log is not None:
+            self.totals = self._live()
+
+    def next_sync(self) -> float | None:
+        """Seconds until the earliest pending cursor write is due; None when none is."""
+        mono = time.monotonic()
+        waits = [max(0.0, c.last_sync + self.limits.cursor_sync_interval - mono)
+                 for c in self.cursors.values() if c.dirty()]
+        return min(waits) if waits else None
+
+    # -- delivery ----------------------------------------------------------------------
+
+    def lease(self, queue: str, limit: int, lease_seconds: float, now: float,
+              max_bytes: int = 0) -> list[StoredMessage]:
+        """Up to ``limit`` messages and, when ``max_bytes`` > 0, up to that many payload
+        bytes (the first message always, however large)."""
+        try:
+            return self._with_room(self._lease, queue, min(limit, MAX_LEASE), lease_seconds, now,
+                                   max_bytes)
+        finally:
+            self._retotal()
+
+    def settle(self, s: Settlement, now: float) -> None:
+        try:
+            self._with_room(self._settle, s, now)
+        finally:
+            self._retotal()
+
+    def _with_room(self, fn: Callable[..., R], *args: Any) -> R:
+        """Run a write; on SQLITE_FULL, give back the reserve, checkpoint, try once more."""
+        try:
+            return fn(*args)
+        except sqlite3.Error as exc:
+            self._rollback()
+            if not is_disk_full(exc):
+                raise
+        self.reserve.release()
+        self.checkpoint()
+        return fn(*args)
+
+    def checkpoint(self) -> None:
+        with contextlib.suppress(sqlite3.Error):
+            self._c.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    def _lease(self, queue: str, limit: int, lease_seconds: float, now: float,
+               max_bytes: int) -> list[StoredMessage]:
+        cur = self.cursors.get(queue)
+        if cur is None:
+            return []
+        mono = time.monotonic()
+        expired_log = cur.expired(mono)
+        expired_parked = self.leases.expire(cur.name, mono)
+        if expired_log or expired_parked:
+            self._expired(cur, expired_log, expired_parked, now)
+        main, behind = cur.pull(self._log, limit, max_bytes, until=mono + lease_seconds,
+                                on_loss=self._on_loss)
+        if behind:  # parked first, so the parked candidates below include them in seq order
+            self._park_log(cur, [parked.ParkedRow(m) for m in behind])
+        if not cur.parked_count:
+            return main
+        side = parked.ready(self._c, cur.name, queue, now, limit,
+                            held=[-h for h in self.leases.held(cur.name)],
+                            blocked=self.leases.blocked_topics(cur.name))
+        if not side:
+            return main
+        batch = self._merge(cur, side, main, limit, max_bytes)
+        self.leases.hold(cur.name, ((m.seq, m.topic, m.attempts) for m in batch if m.seq < 0),
+                         mono + lease_seconds)
+        return batch
+
+    @staticmethod
+    def _merge(cur: Cursor, side: list[StoredMessage], main: list[StoredMessage], limit: int,
+               max_bytes: int) -> list[StoredMessage]:
+        """Parked and log candidates in (priority desc, seq) order, within the limits; log
+        records not taken go back to the front of the cursor."""
+        merged = sorted(side + main, key=lambda m: (-m.priority, m.order))
+        out: list[StoredMessage] = []
+        size = 0
+        for m in merged:
+            size += len(m.payload)
+            if len(out) >= limit or (max_bytes and out and size > max_bytes):
+                break
+            out.append(m)
+        taken = {id(m) for m in out}
+        cur.give_back([m for m in main if id(m) not in taken])
+        return out
+
+    def _expired(self, cur: Cursor, log_msgs: list[StoredMessage], pids: list[int],
+                 now: float) -> None:
+        """Leases that ran out count as an attempt: log records are parked for a retry, parked
+        ones get one more attempt."""
+        self._begin(durable=False)
+        try:
+            if log_msgs:
+                self._park_rows(cur, [parked.ParkedRow(m, 1, now, 1, "lease expired")
+                                      for m in log_msgs])
+            if pids:
+                parked.retry(self._c, [(-h, now, "lease expired") for h in pids])
+            self._commit()
+        except BaseException:
+            self._rollback()
+            self._load_parked()
+            raise
+        cur.settle_many([m.seq for m in log_msgs])
+
+    def _park_log(self, cur: Cursor, rows: list[parked.ParkedRow]) -> None:
+        """Park log records behind their topic's chain, in their own transaction."""
+        self._begin(durable=False)
+        try:
+            self._park_rows(cur, rows)
+            self._commit()
+        except BaseException:
+            self._rollback()
+            self._load_parked()
+            cur.give_back([r.message for r in rows])
+            raise
+        cur.settle_many([r.message.seq for r in rows])
+
+    def _park_rows(self, cur: Cursor, rows: list[parked.ParkedRow]) -> None:
+        n, size = parked.park(self._c, cur.name, rows)
+        cur.parked_count += n
+        cur.parked_bytes += size
+        for r in rows:
+            if r.chain:
+                cur.chains[r.message.topic] = cur.chains.get(r.message.topic, 0) + 1
+
+    def _owner_of(self, handle: int) -> Cursor | None:
+        """The cursor a handle was handed out by: a parked message's lease names it, a log
+        record is in its cursor's ``outstanding``."""
+        if handle < 0:
+            name = self.leases.owner(handle)
+            return None if name is None else self.cursors.get(name)
+        for cur in self.cursors.values():
+            if handle in cur.outstanding:
+                return cur
+        return None
+
+    def _settle(self, s: Settlement, now: float) -> None:
+        pids_done = [-h for h in s.delivered if h < 0]
+        if pids_done or s.retry or s.dead:
+            self._settle_writes(s, pids_done, now)
+        delivered = s.delivered if not pids_done else [h for h in s.delivered if h >= 0]
+        if delivered:
+            for cur in self.cursors.values():
+                before = len(delivered)
+                delivered = cur.settle_many(delivered)
+                cur.delivered_unsaved += before - len(delivered)
+                if not delivered:
+                    break
+            self._refuse_appends_until = 0.0  # the drain made room
+        for h in s.release:
+            owner = self._owner_of(h) if h >= 0 else None
+            if owner is not None:
+                owner.give_back([owner.outstanding[h]])
+        leases = self.leases
+        if len(leases):
+            leases.drop(h for h in s.delivered if h < 0)
+            leases.drop(h for h, _, _ in s.retry if h < 0)
+            leases.drop(h for h, _ in s.dead if h < 0)
+            leases.drop(h for h in s.release if h < 0)
+        self.sync_cursors()
+
+    def _settle_writes(self, s: Settlement, pids_done: list[int], now: float) -> None:
+        """Delivered parked rows, retries and dead letters: one NORMAL transaction."""
+        c = self._c
+        self._begin(durable=False)
+        settled_log: list[tuple[Cursor, int]] = []
+        try:
+            for name, topic, size, chain in parked.delete(c, pids_done):
+                self._parked_gone(name, topic, size, chain)
+                if name in self.cursors:
+                    self.cursors[name].delivered_unsaved += 1
+            dead: list[tuple[int, str]] = list(s.dead)
+            retry_pids: list[tuple[int, float, str]] = []
+            for h, delay, error in s.retry:
+                attempts = self._attempts(h)
+                if attempts is None:
+                    continue
+                if attempts + 1 >= self.limits.max_attempts:
+                    dead.append((h, f"gave up after {attempts + 1} attempts: {error}"))
+                elif h < 0:
+                    retry_pids.append((-h, now + delay, error))
+                elif (cur := self._owner_of(h)) is not None and h in cur.outstanding:
+                    self._park_rows(cur, [parked.ParkedRow(cur.outstanding[h], 1, now + delay, 1,
+                                                           error[:1000])])
+                    settled_log.append((cur, h))
+            parked.retry(c, retry_pids)
+            settled_log += self._move_to_dead(dead, now)
+            self._trim_dead()
+            self._commit()
+        except BaseException:
+            self._rollback()
+            self._load_parked()
+            self._load_dead()
+            raise
+        for cur, h in settled_log:
+            cur.settle(h)
+
+    def _attempts(self, handle: int) -> int | None:
+        if handle < 0:
+            return parked.attempts_of(self._c, -handle)
+        cur = self._owner_of(handle)
+        return 0 if cur is not None and handle in cur.outstanding else None
+
+    def _move_to_dead(self, items: list[tuple[int, str]], now: float) -> list[tuple[Cursor, int]]:
+        c = self._c
+        settled: list[tuple[Cursor, int]] = []
+        for h, reason in items:
+            if h < 0:
+                row = c.execute("DELETE FROM parked WHERE pid = ? RETURNING cursor, seq, id, topic,"
+                                " payload, attributes, priority, received_at, attempts, size,"
+                                " chain", (-h,)).fetchone()
+                if row is None:
+                    continue
+                name = row[0]
+                cur = self.cursors.get(name)
+                queue = cur.queue if cur is not None else name
+                msg = StoredMessage.detached(h, queue, row[3], row[4], row[7], order=row[1],
+                                             priority=row[6], attempts=row[8], msg_id=row[2],
+                                             attributes=parked._attrs(row[5]))
+                self._parked_gone(name, row[3], row[9], row[10])
+                attempts = row[8]
+            else:
+                cur = self._owner_of(h)
+                if cur is None or h not in cur.outstanding:
+                    continue
+                msg, queue, attempts = cur.outstanding[h], cur.queue, 0
+                settled.append((cur, h))
+            size = parked.insert_dead(c, queue, msg, attempts, reason, now=now)
+            self.dead_count += 1
+            self.dead_bytes += size
+            self._bump(queue, "dead_lettered_total")
+        return settled
+
+    def _trim_dead(self) -> None:
+        lim = self.limits
+        while self.dead_count > 0 and (self.dead_count > lim.dead_letter_max_messages
+                                       or self.dead_bytes > lim.dead_letter_max_bytes):
+            gone = parked.trim_dead(self._c)
+            if gone is None:
+                break
+            self.dead_count -= 1
+            self.dead_bytes -= gone[1]
+            self._bump(gone[0], "dropped:dead_letter_full")
+
+    def next_due(self, queue: str, now: float) -> float | None:
+        """The earliest time (wall clock) a waiting message becomes ready: a parked one falls
+        due, or a lease runs out."""
+        cur = self.cursors.get(queue)
+        if cur is None:
+            return None
+        due = parked.next_due(self._c, cur.name, now) if cur.parked_count else None
+        expiries = [e for e in (self.leases.next_expiry(cur.name), cur.next_expiry())
+                    if e is not None]
+        if expiries:
+            expiry = min(expiries)
+            lease_due = now + max(0.0, expiry - time.monotonic())
+            due = lease_due if due is None else min(due, lease_due)
+        return due
+
+    # -- dead letters ------------------------------------------------------------------
+
+    def list_dead(self, queue: str | None, limit: int) -> list[DeadLetter]:
+        return parked.list_dead(self._c, queue, limit)
+
+    def replay_dead(self, queue: str | None, ids: Sequence[str] | None) -> int:
+        """Move dead letters into ``parked`` (ready, attempts reset); returns how many."""
+        seq = self._log.head_seq if self.log is not None else 0
+        self._begin(durable=True)
+        try:
+            rows = parked.replay_dead(self._c, queue, ids, seq)
+            self._commit()
+        except BaseException:
+            self._rollback()
+            raise
+        self.dead_count -= len(rows)
+        self.dead_bytes -= sum(size for _, size in rows)
+        if self.owner:
+            self._load_parked()
+            self._retotal()
         return len(rows)
 
-    def create_queue(self, queue: str) -> bool:
-        """Queues exist implicitly; this records one explicitly. True when it was new."""
+    def purge_dead(self, queue: str | None, ids: Sequence[str] | None) -> int:
         self._begin(durable=False)
-        n = self._c.execute("INSERT OR IGNORE INTO counters(queue, name, value) "
-                            "VALUES (?, 'created', 1)", (queue,)).rowcount
-        self._commit()
-        return bool(n)
+        try:
+            sizes = parked.purge_dead(self._c, queue, ids)
+            self._commit()
+        except BaseException:
+            self._rollback()
+            raise
+        self.dead_count -= len(sizes)
+        self.dead_bytes -= sum(sizes)
+        return len(sizes)
+
+    # -- queue management and stats -----------------------------------------------------
+
+    def _depth(self, cur: Cursor) -> int:
+        """Messages of ``cur``'s queue from its watermark to the head, plus its parked ones."""
+        log = self._log
+        seq = cur.watermark()[0] if self.owner else cur.saved_seq
+        if len(self.qids) <= 1:
+            return max(0, log.head_seq - seq) + cur.parked_count
+        n, pos, chunk = 0, cur.watermark()[1] if self.owner else cur.saved_pos, Chunk()
+        while True:
+            found, _ = log.frame_at(pos, chunk)
+            if found is None:
+                break
+            h = found.header
+            if h.qid == cur.qid and h.next_seq > seq:
+                n += h.next_seq - max(seq, h.first_seq)
+            pos = h.end
+        return n + cur.parked_count
+
+    def depth(self, queue: str) -> int:
+        cur = self.cursors.get(queue)
+        return 0 if cur is None or self.log is None else self._depth(cur)
+
+    def purge(self, queue: str) -> int:
+        cur = self.cursors.get(queue)
+        if cur is None:
+            return 0
+        n = self._depth(cur)
+        log = self._log
+        gone = cur.skip_to(log.head_seq, log, self._on_loss)
+        self.leases.drop_queue(cur.name)
+        del gone
+        self._begin(durable=False)
+        try:
+            self._c.execute("DELETE FROM parked WHERE cursor = ?", (cur.name,))
+            self._commit()
+        except BaseException:
+            self._rollback()
+            raise
+        cur.parked_count = cur.parked_bytes = 0
+        cur.chains.clear()
+        self.sync_cursors(force=True)
+        self._retotal()
+        return n
+
+    def create_queue(self, queue: str) -> bool:
+        """Queues exist implicitly; this records one (and its cursor) explicitly. True when it
+        was new."""
+        if queue in self.cursors:
+            return False
+        self._begin(durable=False)
+        try:
+            self._cursor_for(queue)
+            self._bump(queue, "created")
+            self._commit()
+        except BaseException:
+            self._rollback()
+            self.cursors.pop(queue, None)
+            raise
+        return True
 
     def delete_queue(self, queue: str) -> bool:
-        """Remove a queue's messages, dead letters and counters. True when any existed."""
+        """Remove a queue's cursor, parked messages, dead letters and counters; its records in
+        the log are freed with their segments. True when any existed."""
         self._begin(durable=False)
         c = self._c
-        rows = c.execute("DELETE FROM messages WHERE queue = ? RETURNING size", (queue,)).fetchall()
-        dead = c.execute("DELETE FROM dead_letters WHERE queue = ? RETURNING size",
-                         (queue,)).fetchall()
-        counters = c.execute("DELETE FROM counters WHERE queue = ?", (queue,)).rowcount
-        self._commit()
+        try:
+            existed = c.execute("DELETE FROM cursors WHERE name = ?", (queue,)).rowcount
+            existed += c.execute("DELETE FROM parked WHERE cursor = ?", (queue,)).rowcount
+            dead = c.execute("DELETE FROM dead_letters WHERE queue = ? RETURNING size",
+                             (queue,)).fetchall()
+            existed += len(dead) + c.execute("DELETE FROM counters WHERE queue = ?",
+                                             (queue,)).rowcount
+            self._commit()
+        except BaseException:
+            self._rollback()
+            raise
         self.leases.drop_queue(queue)
-        self.count -= len(rows)
-        self.bytes -= sum(r[0] for r in rows)
+        self.cursors.pop(queue, None)
         self.dead_count -= len(dead)
         self.dead_bytes -= sum(r[0] for r in dead)
-        return bool(rows or dead or counters)
+        return bool(existed)
 
     def queues(self) -> list[str]:
-        names = {r[0] for r in self._c.execute("SELECT DISTINCT queue FROM messages")}
+        names = set(self.cursors)
         names |= {r[0] for r in self._c.execute("SELECT DISTINCT queue FROM counters")}
         names |= {r[0] for r in self._c.execute("SELECT DISTINCT queue FROM dead_letters")}
         return sorted(names)
 
+    def _oldest(self, cur: Cursor, now: float) -> float | None:
+        """Age of the oldest message waiting for ``cur``: at its watermark, or parked."""
+        oldest: float | None = None
+        if self.log is not None:
+            if self.owner:
+                found, seq = self._frame_holding(cur)
+            else:
+                found, seq = self._saved_frame(cur)
+            if isinstance(found, Frame):
+                oldest = found.received_ms(seq - found.header.first_seq) / 1000
+        if cur.parked_count or not self.owner:
+            row = self._c.execute("SELECT min(received_at) FROM parked WHERE cursor = ?",
+                                  (cur.name,)).fetchone()
+            if row and row[0] is not None:
+                oldest = row[0] if oldest is None else min(oldest, row[0])
+        return None if oldest is None else max(0.0, now - oldest)
+
+    def _saved_frame(self, cur: Cursor) -> tuple[Frame | Damaged | None, int]:
+        pos, seq, chunk = cur.saved_pos, cur.saved_seq, Chunk()
+        log = self._log
+        while True:
+            found, _ = log.frame_at(pos, chunk)
+            if found is None or (found.header.qid == cur.qid and found.header.next_seq > seq):
+                return found, max(seq, found.header.first_seq) if found is not None else seq
+            pos = found.header.end
+
     def stats(self, queue: str, now: float) -> QueueStats:
         c = self._c
-        depth = c.execute("SELECT count(*) FROM messages WHERE queue = ?", (queue,)).fetchone()[0]
+        cur = self.cursors.get(queue)
+        depth = 0 if cur is None or self.log is None else self._depth(cur)
         # leases live in the memory of the process holding them: unknown to a reader
-        in_flight = None if self.readonly else self.leases.count(queue, time.monotonic())
-        oldest = c.execute("SELECT min(received_at) FROM messages WHERE queue = ?",
-                           (queue,)).fetchone()[0]
+        in_flight = None
+        if self.owner:
+            in_flight = self.leases.count(queue, time.monotonic())
+            if cur is not None:
+                in_flight += cur.in_flight()
+        oldest = None if cur is None or depth == 0 else self._oldest(cur, now)
         dead = c.execute("SELECT count(*) FROM dead_letters WHERE queue = ?",
                          (queue,)).fetchone()[0]
         counters = dict(c.execute("SELECT name, value FROM counters WHERE queue = ?", (queue,)))
@@ -761,9 +1196,10 @@ class StoreDb:
             if q == queue and name.startswith("dropped:"):
                 key = name.split(":", 1)[1]
                 dropped[key] = dropped.get(key, 0) + n
-        return QueueStats(queue, int(depth), in_flight,
-                          None if oldest is None else max(0.0, now - oldest), int(dead),
-                          int(counters.get("delivered_total", 0)), dropped)
+        delivered = int(counters.get("delivered_total", 0))
+        if cur is not None and self.owner:
+            delivered += cur.delivered_unsaved
+        return QueueStats(queue, int(depth), in_flight, oldest, int(dead), delivered, dropped)
 
     def counter(self, queue: str, name: str) -> int:
         row = self._c.execute("SELECT value FROM counters WHERE queue = ? AND name = ?",

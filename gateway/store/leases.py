@@ -69,6 +69,11 @@ class Leases:
         self.drop(expired)
         return expired
 
+    def owner(self, seq: int) -> str | None:
+        """The queue (cursor) holding the lease on ``seq``, or None."""
+        lease = self._by_seq.get(seq)
+        return None if lease is None else lease.queue
+
     def held(self, queue: str) -> list[int]:
         return list(self._by_queue.get(queue, ()))
 

@@ -13,6 +13,9 @@ Promises (on top of the SQL invariants in ``gateway.store.db``):
   earliest delayed/backing-off message falls due; there is no polling loop.
 - The daemon holds an exclusive lock file beside the database, so two gateways never share
   one store; read-only tools (``status``) need no lock.
+- Delivered messages cost no write: their cursor is persisted by a timer armed at the first
+  settlement after a write (``store.cursor_sync_interval``), or at once after
+  ``cursor_sync_messages``, and at ``close``.
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ class Store:
         self._batch_full = asyncio.Event()
         self._ready: dict[str, asyncio.Event] = {}
         self._committer: asyncio.Task[None] | None = None
+        self._sync_timer: asyncio.TimerHandle | None = None
         self._last_commit = 0.0
         self._closing = False
         #: time spent in the last append commit, seconds (for metrics and benchmarks)
@@ -90,8 +94,11 @@ class Store:
         self._committer = asyncio.create_task(self._commit_loop(), name="store-commit")
 
     async def close(self) -> None:
-        """Commit what is pending, then close the database and release the lock."""
+        """Commit what is pending, persist the cursors, close the database, release the lock."""
         self._closing = True
+        if self._sync_timer is not None:
+            self._sync_timer.cancel()
+            self._sync_timer = None
         if self._committer is not None:
             self._wake.set()
             self._batch_full.set()
@@ -235,7 +242,9 @@ class Store:
         if due is not None:
             until_due = max(0.0, due - time.time()) + 0.001
             timeout = until_due if timeout is None else min(timeout, until_due)
-        await wait_event(event, timeout)
+        if not await wait_event(event, timeout):
+            # nothing woke us: look for what other processes wrote (``dlq replay``)
+            await self._run(self._db.refresh_totals)
 
     async def settle(self, settlement: Settlement) -> None:
         await self.submit_settle(settlement)
@@ -253,9 +262,36 @@ class Store:
         def wake(_: asyncio.Future[None]) -> None:
             for queue in list(self._ready):
                 self._notify(queue)
+            self._arm_sync()
 
         fut.add_done_callback(wake)
         return fut
+
+    def _arm_sync(self) -> None:
+        """Persist cursors within ``cursor_sync_interval`` of the first unsaved settlement."""
+        if self._sync_timer is not None or self._closing:
+            return
+        loop = asyncio.get_running_loop()
+        self._sync_timer = loop.call_later(self.cfg.cursor_sync_interval, self._sync_now)
+
+    def _sync_now(self) -> None:
+        self._sync_timer = None
+        if self._executor is None or self._closing:
+            return
+        done = asyncio.ensure_future(self._translated(
+            asyncio.get_running_loop().run_in_executor(self._executor, self._db.sync_and_check),
+            "sync_cursors"))
+
+        def rearm(fut: asyncio.Future[bool]) -> None:
+            if fut.cancelled():
+                return
+            if fut.exception() is not None:
+                log.error("writing cursor positions failed: %s", fut.exception())
+                self._arm_sync()
+            elif fut.result():
+                self._arm_sync()
+
+        done.add_done_callback(rearm)
 
     # -- retention, dead letters, stats ---------------------------------------------------
 
@@ -309,11 +345,11 @@ class Store:
 
     @property
     def message_count(self) -> int:
-        return self._db.count
+        return self._db.totals[0]
 
     @property
     def message_bytes(self) -> int:
-        return self._db.bytes
+        return self._db.totals[1]
 
     def file_bytes(self) -> int:
         return self._db.file_bytes()

@@ -194,7 +194,9 @@ def test_sigterm_stops_promptly_and_keeps_backlog(tmp_path: Path, mosquitto: Ser
     redis.start()
     gw.start()
     wait_until(lambda: len(read_stream(redis.port, f"{root}-stream")) == 200, 30, "drained")
-    assert gw.status()["uplinks"]["default"]["delivered_total"] == 200
+    # status reads the file: the cursor and its counter are written within cursor_sync_interval
+    wait_until(lambda: gw.status()["uplinks"]["default"]["delivered_total"] == 200, 5,
+               "delivered_total written")
     assert gw.stop() == 0
     pub.close()
 

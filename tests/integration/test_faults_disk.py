@@ -3,6 +3,7 @@ one, and SQLite's max_page_count everywhere), and a damaged store file at start.
 
 from __future__ import annotations
 
+import os
 import shutil
 import sqlite3
 import subprocess
@@ -37,8 +38,9 @@ def small_fs(tmp_path: Path) -> Iterator[Path | None]:
 
 
 def body(n: int) -> bytes:
+    """A JSON head and random bytes: the store compresses frames, random bytes still fill it."""
     head = orjson.dumps({"n": n})
-    return head + b" " * (PAYLOAD - len(head))
+    return head + os.urandom(PAYLOAD - len(head))
 
 
 def fill_until_dropping(gw: GatewayProcess, pub: Publisher, root: str, limit: int) -> int:

@@ -130,7 +130,7 @@ async def test_newer_schema_is_not_damage_and_is_left_alone(tmp_path: Path) -> N
     with sqlite3.connect(path) as conn:
         conn.execute("PRAGMA user_version=99")
     store = Store(str(path), StoreConfig())
-    with pytest.raises(StoreError, match="schema version 99"):
+    with pytest.raises(StoreError, match="format 99, written by a newer gateway"):
         await store.open()
     await store.close()  # releases the lock file a failed open leaves behind
     assert quarantined(path) == []

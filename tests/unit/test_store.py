@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import sqlite3
 import time
 from pathlib import Path
@@ -131,11 +132,12 @@ async def test_reject_new_keeps_the_old(tmp_path: Path) -> None:
 
 
 async def test_disk_full_follows_policy_and_keeps_running(tmp_path: Path) -> None:
-    # max_page_count makes SQLite report SQLITE_FULL exactly as a full disk does.
+    # max_page_count makes SQLite report SQLITE_FULL exactly as a full disk does; random
+    # payloads, so compression cannot make them fit
     store = await open_store(tmp_path / "s.db", max_page_count=64, when_full="reject_new")
     outcomes = []
     for _ in range(40):
-        outcomes += await store.append(Q, [msg("t", b"y" * 3000) for _ in range(5)])
+        outcomes += await store.append(Q, [msg("t", os.urandom(3000)) for _ in range(5)])
     reasons = {o.reason for o in outcomes if o.status is AppendStatus.DROPPED}
     assert reasons == {"disk_full"}
     assert (await store.stats(Q)).dropped["disk_full"] > 0
@@ -149,7 +151,7 @@ async def test_disk_full_follows_policy_and_keeps_running(tmp_path: Path) -> Non
 async def test_disk_full_drop_oldest_makes_room(tmp_path: Path) -> None:
     store = await open_store(tmp_path / "s.db", max_page_count=64, when_full="drop_oldest")
     for i in range(120):
-        outcomes = await store.append(Q, [msg("t", b"%04d" % i + b"z" * 3000)])
+        outcomes = await store.append(Q, [msg("t", b"%04d" % i + os.urandom(3000))])
         assert outcomes[0].status is AppendStatus.STORED, (i, outcomes)
     stats = await store.stats(Q)
     assert stats.dropped.get("disk_full", 0) > 0
@@ -191,5 +193,5 @@ async def test_schema_and_pragmas(tmp_path: Path) -> None:
     conn = sqlite3.connect(tmp_path / "s.db")
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 2  # incremental
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
     conn.close()

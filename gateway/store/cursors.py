@@ -1,0 +1,229 @@
+"""A destination's cursor over the log, in memory (format 2; persisted by ``StoreDb``).
+
+State: the read position (``read_seq`` in the frame ``frame``), the records handed out and
+not settled (``outstanding``, in seq order: the log is read in order and a re-handed record
+keeps its first place), the records given back to be handed out again first (``released``),
+and the parked messages' totals and topic chains. A handed-out record's lease is its
+``until`` (monotonic); ``deadlines`` holds one deadline per hand-out, so finding expired
+leases costs nothing until one is due (log records never block a topic: they have no
+attempts yet).
+
+Invariants:
+
+- ``watermark`` (the persisted cursor's next value) is the lowest unsettled seq: the first
+  outstanding record, else the read position. It never passes a record that is neither
+  settled nor parked (invariant 2 of ``docs/architecture.md``).
+- Records are handed out in seq order; a released record goes back in front, in seq order.
+- A record whose topic has a parked chain is not handed out: ``pull`` returns it separately so
+  the caller parks it (invariant 6).
+"""
+
+from __future__ import annotations
+
+import bisect
+import time
+from collections.abc import Callable
+
+from gateway.store.frames import Frame
+from gateway.store.log import Chunk, Damaged, Log
+from gateway.store.records import StoredMessage
+
+#: called with (cursor, count) for records lost to damage, so the caller can count them
+OnLoss = Callable[["Cursor", int], None]
+#: ``until`` of a record given back: not leased, so never expired
+_RELEASED = float("inf")
+
+
+class Cursor:
+    def __init__(self, name: str, queue: str, qid: int, seq: int, pos: int, *,
+                 prefix: str) -> None:
+        self.name = name
+        self.queue = queue
+        self.qid = qid
+        #: the store's id prefix (derived message ids)
+        self.prefix = prefix
+        self.saved_seq = seq
+        self.saved_pos = pos
+        self.read_seq = seq
+        self.read_pos = pos
+        #: counted bytes of the log before ``read_pos``'s frame (retention)
+        self.read_cum = 0
+        self.frame: Frame | None = None
+        self.chunk = Chunk()
+        self.outstanding: dict[int, StoredMessage] = {}
+        self.released: list[StoredMessage] = []
+        #: one lease deadline per hand-out (monotonic), in hand-out order
+        self.deadlines: list[float] = []
+        self.unsaved = 0
+        self.delivered_unsaved = 0
+        self.last_sync = time.monotonic()
+        self.parked_count = 0
+        self.parked_bytes = 0
+        self.chains: dict[str, int] = {}
+
+    # -- position ----------------------------------------------------------------------
+
+    def watermark(self) -> tuple[int, int, int]:
+        """(seq, frame position, counted bytes before that frame) of the lowest unsettled
+        record, or of the read position when nothing is outstanding."""
+        for first in self.outstanding.values():
+            frame = first._frame
+            assert frame is not None
+            return first.order, frame.header.pos, frame.header.cum_bytes
+        frame = self.frame
+        if frame is not None and self.read_seq >= frame.header.next_seq:  # read to its end
+            return self.read_seq, frame.header.end, frame.header.cum_bytes + frame.total_size
+        return self.read_seq, self.read_pos, self.read_cum
+
+    def dirty(self) -> bool:
+        return self.watermark()[0] != self.saved_seq or self.delivered_unsaved > 0
+
+    def position(self, log: Log, on_loss: OnLoss) -> None:
+        """Load the frame holding ``read_seq`` (at start, or after a jump)."""
+        self.frame = None
+        self._advance(log, self.read_pos, on_loss)
+
+    def _advance(self, log: Log, pos: int, on_loss: OnLoss) -> bool:
+        """Move to the first frame of this queue at or after ``pos`` that still holds records
+        at or after ``read_seq``; False when the reader is at the head."""
+        while True:
+            found, at = log.frame_at(pos, self.chunk)
+            if found is None:
+                self.frame, self.read_pos = None, at
+                if self.read_seq < log.head_seq:  # records vanished (damage): skip them
+                    on_loss(self, log.head_seq - self.read_seq)
+                    self.read_seq = log.head_seq
+                self.read_cum = log.head_cum
+                return False
+            header = found.header
+            if header.first_seq > self.read_seq:  # a damaged stretch ended a segment early
+                on_loss(self, header.first_seq - self.read_seq)
+                self.read_seq = header.first_seq
+            if isinstance(found, Damaged) or header.qid != self.qid or header.next_seq <= self.read_seq:
+                if isinstance(found, Damaged) and header.qid == self.qid:
+                    on_loss(self, header.next_seq - max(self.read_seq, header.first_seq))
+                self.read_seq = max(self.read_seq, header.next_seq)
+                pos = header.end
+                continue
+            found.queue, found.prefix = self.queue, self.prefix
+            self.frame, self.read_pos, self.read_cum = found, at, header.cum_bytes
+            return True
+
+    # -- handing out -------------------------------------------------------------------
+
+    def pull(self, log: Log, limit: int, max_bytes: int, *, until: float, on_loss: OnLoss,
+             ) -> tuple[list[StoredMessage], list[StoredMessage]]:
+        """Up to ``limit`` records for delivery, in seq order (released ones first), leased
+        until ``until``, with at most ``max_bytes`` of payload (0 = no limit; the first record
+        always), and the records pulled that must be parked behind their topic's chain."""
+        out: list[StoredMessage] = []
+        behind: list[StoredMessage] = []
+        chains = self.chains
+        budget = [max_bytes]
+        while self.released and len(out) < limit:
+            msg = self.released[0]
+            if max_bytes and out and budget[0] - len(msg.payload) < 0:
+                return out, behind
+            del self.released[0]
+            msg.until = until
+            if chains.get(msg.topic):
+                behind.append(msg)
+                continue
+            budget[0] -= len(msg.payload)
+            out.append(msg)
+        while len(out) < limit:
+            frame = self.frame
+            if frame is None or self.read_seq >= frame.header.next_seq:
+                start = self.read_pos if frame is None else frame.header.end
+                if not self._advance(log, start, on_loss):
+                    break
+                frame = self.frame
+                assert frame is not None
+            if not self._take(frame, limit, max_bytes, until=until, out=out, behind=behind,
+                              budget=budget):
+                break
+        if out or behind:
+            self.deadlines.append(until)
+        return out, behind
+
+    def _take(self, frame: Frame, limit: int, max_bytes: int, *, until: float,
+              out: list[StoredMessage], behind: list[StoredMessage], budget: list[int]) -> bool:
+        """Hand out records of ``frame`` from ``read_seq``; False when the budget ran out."""
+        header = frame.header
+        first = header.first_seq
+        i = self.read_seq - first
+        stop = min(header.count, i + limit - len(out))
+        if max_bytes:  # where the byte budget ends (the first record of a batch always goes)
+            lengths, left, j = frame.lengths, budget[0], i
+            while j < stop and (left - lengths[j] >= 0 or (not out and j == i)):
+                left -= lengths[j]
+                j += 1
+            budget[0] = left
+            stop = j
+        topics, idx, body, offsets = frame.topics, frame.topic_idx, frame.body, frame.offsets
+        made = [StoredMessage(first + k, topics[idx[k]], body[offsets[k]:offsets[k + 1]], frame,
+                              k, until) for k in range(i, stop)]
+        outstanding = self.outstanding
+        chains = self.chains
+        if chains:
+            for msg in made:
+                outstanding[msg.seq] = msg
+                (behind if chains.get(msg.topic) else out).append(msg)
+        else:
+            outstanding.update(zip(range(first + i, first + stop), made, strict=True))
+            out.extend(made)
+        self.read_seq = first + stop
+        return stop >= header.count or len(out) >= limit
+
+    def give_back(self, msgs: list[StoredMessage]) -> None:
+        """Released records: handed out again first, in seq order; no longer leased."""
+        released = self.released
+        for msg in msgs:
+            if msg.seq in self.outstanding and msg.until != _RELEASED:
+                msg.until = _RELEASED
+                bisect.insort(released, msg, key=lambda m: m.seq)
+
+    def settle(self, seq: int) -> StoredMessage | None:
+        """Forget an outstanding record (delivered, parked or dead-lettered)."""
+        msg = self.outstanding.pop(seq, None)
+        if msg is not None:
+            self.unsaved += 1
+        return msg
+
+    def settle_many(self, seqs: list[int]) -> list[int]:
+        """Forget the outstanding records among ``seqs``; returns the seqs that were not."""
+        pop, missing = self.outstanding.pop, []
+        for seq in seqs:
+            if pop(seq, None) is None:
+                missing.append(seq)
+        self.unsaved += len(seqs) - len(missing)
+        return missing
+
+    def expired(self, now: float) -> list[StoredMessage]:
+        """Handed-out records whose lease ran out by ``now`` (monotonic)."""
+        if not self.deadlines or self.deadlines[0] > now:
+            return []
+        self.deadlines = [d for d in self.deadlines if d > now]
+        return [m for m in self.outstanding.values() if m.until <= now]
+
+    def in_flight(self) -> int:
+        return len(self.outstanding) - len(self.released)
+
+    def next_expiry(self) -> float | None:
+        return min(self.deadlines) if self.deadlines else None
+
+    def skip_to(self, seq: int, log: Log, on_loss: OnLoss) -> list[StoredMessage]:
+        """Retention: move past every record before ``seq``; returns the outstanding and
+        released records that were dropped with them (their settlements are ignored later)."""
+        gone = [m for s, m in self.outstanding.items() if s < seq]
+        for m in gone:
+            del self.outstanding[m.seq]
+        self.released = [m for m in self.released if m.seq >= seq]
+        if self.read_seq < seq:
+            self.read_seq = seq
+            frame = self.frame
+            if frame is None or seq >= frame.header.next_seq:
+                start = self.read_pos if frame is None else frame.header.end
+                self._advance(log, start, on_loss)
+        self.unsaved += 1
+        return gone
