@@ -16,6 +16,13 @@ largest store size against store.max_bytes, end-to-end latency (publish time in 
 to arrival at the reader) for messages published while the link was up (2 s after it came
 up, 2 s before it went down: catch-up excluded) as p50/p99/max, catch-up time after each
 outage, CPU seconds per message, disk bytes written per payload byte, lost and duplicated.
+
+The floor, measured in the same run by a child process on the same file system: the same
+records (16-byte id, 8-byte time, topic, payload, with their lengths) appended to a plain
+file at the same rate, one ``fdatasync`` per commit interval (``store.commit_interval_ms``).
+A partly filled 4 KiB block is written again at every sync, so no store that syncs that often
+can write less; the ratio of the gateway's bytes per payload byte to the floor's is reported.
+Payloads are sensor readings (~75 bytes of JSON with varying numbers), not padding.
 """
 
 from __future__ import annotations
@@ -24,6 +31,9 @@ import argparse
 import itertools
 import json
 import os
+import random
+import struct
+import subprocess
 import sys
 import tempfile
 import threading
@@ -45,6 +55,42 @@ from tests.servers import mosquitto_server, redis_server, wait_until
 
 TOPICS = 10
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+_rnd = random.Random(7)
+
+
+def reading(n: int) -> bytes:
+    """A sensor reading of ~75 bytes: counter, publish time, three measurements."""
+    return orjson.dumps({"n": n, "t": time.time(), "temp": round(_rnd.uniform(15, 30), 2),
+                         "hum": round(_rnd.uniform(30, 70), 1),
+                         "bat": round(_rnd.uniform(3.3, 4.2), 2)})
+
+
+def floor_writer(path: str, rate: int, seconds: float, commit_ms: int, topic_root: str) -> None:
+    """The floor (child process): the records appended to a plain file, one fdatasync per
+    commit interval; prints its bytes written and payload bytes as JSON."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    before = proc_sample(os.getpid())["write_bytes"]
+    started = time.monotonic()
+    sent = payload = 0
+    while (elapsed := time.monotonic() - started) < seconds:
+        due = int(elapsed * rate)
+        chunk = []
+        while sent < due:
+            body = reading(sent)
+            topic = f"{topic_root}/dev{sent % TOPICS}".encode()
+            chunk.append(os.urandom(16) + struct.pack("<dH", time.time(), len(topic)) + topic
+                         + struct.pack("<I", len(body)) + body)
+            payload += len(body)
+            sent += 1
+        if chunk:
+            os.write(fd, b"".join(chunk))
+            os.fdatasync(fd)
+        time.sleep(commit_ms / 1000)
+    os.close(fd)
+    written = proc_sample(os.getpid())["write_bytes"] - before
+    print(json.dumps({"written": written, "payload": payload, "messages": sent}))
 
 
 class Load(threading.Thread):
@@ -69,11 +115,10 @@ class Load(threading.Thread):
 
     def run(self) -> None:
         started = time.monotonic()
-        pad = "x" * 40
         while not self.halt.is_set():
             due = int((time.monotonic() - started) * self.rate)
             while self.sent < due:
-                body = orjson.dumps({"n": self.sent, "t": time.time(), "pad": pad})
+                body = reading(self.sent)
                 self.client.publish(f"{self.root}/dev{self.sent % TOPICS}", body, qos=1)
                 self.payload_bytes += len(body)
                 self.sent += 1
@@ -134,7 +179,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     queue = {"type": "redis", "redis_url": f"redis://127.0.0.1:{proxy.port}/0",
              "request_queue_name": stream, "redis_socket_timeout": "2s", "redis_maxlen": 200_000}
     config = gateway_config(tmp, broker.port, root, queue, logging={"level": "INFO"},
-                            store={"max_bytes": f"{args.max_bytes_mb}MB"},
+                            store={"max_bytes": f"{args.max_bytes_mb}MB",
+                                   "compression": args.compression,
+                                   "commit_interval_ms": args.commit_interval_ms},
                             ingress={"reconnect_max_delay": "1s"},
                             forwarder={"retry_max_delay": "1s"})
     gw = GatewayProcess(config, tmp)
@@ -146,6 +193,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     load = Load(broker.port, root, args.rate)
     base = proc_sample(pid)
     started = time.time()
+    floor = subprocess.Popen([sys.executable, __file__, "--floor-child", str(tmp / "floor.log"),
+                              "--rate", str(args.rate), "--minutes", str(args.minutes),
+                              "--commit-interval-ms", str(args.commit_interval_ms)],
+                             stdout=subprocess.PIPE, text=True)
     load.start()
     samples: list[dict[str, float]] = []
     phases: list[tuple[float, bool]] = [(0.0, True)]  # (start offset, link up)
@@ -166,13 +217,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     wait_until(lambda: load.acked >= load.sent, 60, "every publish acknowledged")
     wait_until(lambda: len({n for _, _, n in reader.arrivals}) >= load.sent, 300, "all delivered")
     end = proc_sample(pid)
+    floor_out, _ = floor.communicate(timeout=120)
+    floor_result = json.loads(floor_out.strip().splitlines()[-1])
     gw.stop()
     reader.halt.set()
     reader.join(5)
     proxy.stop()
     broker.stop()
     redis.stop()
-    return summarize(args, Observed(load, reader, samples, phases, started, base, end))
+    return summarize(args, Observed(load, reader, samples, phases, started, base, end,
+                                    floor_result))
 
 
 @dataclass
@@ -184,6 +238,7 @@ class Observed:
     started: float
     base: dict[str, float]
     end: dict[str, float]
+    floor: dict[str, float]
 
 
 def summarize(args: argparse.Namespace, obs: Observed) -> dict[str, Any]:
@@ -208,6 +263,8 @@ def summarize(args: argparse.Namespace, obs: Observed) -> dict[str, Any]:
     rss_slope = ((half[-1]["rss_mb"] - half[0]["rss_mb"]) / ((half[-1]["t"] - half[0]["t"]) / 60)
                  if len(half) > 1 else 0.0)
     delivered = len({n for _, _, n in reader.arrivals})
+    written = (end["write_bytes"] - base["write_bytes"]) / max(1, load.payload_bytes)
+    floor_bpb = obs.floor["written"] / max(1, obs.floor["payload"])
     return {
         "rate": args.rate, "minutes": args.minutes, "flap_seconds": args.flap_seconds,
         "published": load.sent, "acknowledged": load.acked, "delivered_unique": delivered,
@@ -223,8 +280,10 @@ def summarize(args: argparse.Namespace, obs: Observed) -> dict[str, Any]:
                               "max": round(max(online, default=float("nan")), 1)},
         "catch_up_seconds": catch_up,
         "cpu_ms_per_message": round((end["cpu_s"] - base["cpu_s"]) * 1000 / max(1, delivered), 3),
-        "disk_bytes_per_payload_byte": round((end["write_bytes"] - base["write_bytes"])
-                                             / max(1, load.payload_bytes), 2),
+        "disk_bytes_per_payload_byte": round(written, 2),
+        "floor_bytes_per_payload_byte": round(floor_bpb, 2),
+        "ratio_to_floor": round(written / floor_bpb, 2) if floor_bpb else None,
+        "compression": args.compression, "commit_interval_ms": args.commit_interval_ms,
         "samples": samples, "phases": bounds,
     }
 
@@ -276,7 +335,16 @@ def main() -> None:
     p.add_argument("--max-bytes-mb", type=int, default=64, help="store.max_bytes in MB")
     p.add_argument("--svg", help="write a plot here")
     p.add_argument("--json", help="write the full result (with samples) here")
+    p.add_argument("--compression", choices=["zlib", "none"], default="zlib",
+                   help="store.compression of the gateway")
+    p.add_argument("--commit-interval-ms", type=int, default=20,
+                   help="store.commit_interval_ms, and the floor's sync interval")
+    p.add_argument("--floor-child", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.floor_child:
+        floor_writer(args.floor_child, args.rate, args.minutes * 60, args.commit_interval_ms,
+                     "soak/floor")
+        return
     result = run(args)
     if args.svg:
         Path(args.svg).write_text(svg(result))

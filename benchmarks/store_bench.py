@@ -186,7 +186,7 @@ async def _store_backlog(path: str, n: int, compression: str) -> dict[str, float
     written = io_written() - before
     return {"messages": n, "payload_bytes": payload, "seconds": seconds, "rate": n / seconds,
             "written_bytes": written, "bytes_per_payload_byte": written / payload,
-            "commits": commits, "file_bytes": os.path.getsize(path)}
+            "commits": commits}
 
 
 async def _drain_backlog(path: str, compression: str) -> dict[str, float]:
@@ -212,6 +212,7 @@ async def _drain_backlog(path: str, compression: str) -> dict[str, float]:
 def child(args: argparse.Namespace) -> None:
     if args.child == "store":
         result = asyncio.run(_store_backlog(args.path, args.messages, args.compression))
+        result["file_bytes"] = os.path.getsize(args.path)
     else:
         result = asyncio.run(_drain_backlog(args.path, args.compression))
     print(json.dumps(result))

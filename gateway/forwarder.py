@@ -31,7 +31,7 @@ from gateway.aio import wait_event
 from gateway.config import Config
 from gateway.errors import QueueError, RetryableError, StoreError, UplinkUnavailable
 from gateway.queue.interface import MessageQueueInterface, PublishResult
-from gateway.store.records import Settlement, StoredMessage
+from gateway.store.records import Settlement, StoredMessage, queue_messages
 from gateway.store.store import Store
 from gateway.topics import topic_matches
 
@@ -253,7 +253,7 @@ class Forwarder:
         return list(groups.items())
 
     async def _publish(self, destination: str, group: list[StoredMessage]) -> list[PublishResult]:
-        messages = [m.to_queue_message() for m in group]
+        messages = queue_messages(group)
         try:
             results = await asyncio.wait_for(
                 self.uplink.publish_batch(destination, messages), self.cfg.publish_timeout)

@@ -19,6 +19,15 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
             monkeypatch.delenv(name)
 
 
+@pytest.fixture(autouse=True)
+def _reap_gateways() -> Iterator[None]:
+    """A test that fails before stopping its daemon does not leave it running."""
+    yield
+    from tests.gateway_process import reap
+
+    reap()
+
+
 @pytest.fixture
 def mosquitto(tmp_path: Path) -> Iterator[ServerProcess]:
     """A mosquitto broker of this test's own (persistence on, unlimited queues)."""

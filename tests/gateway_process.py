@@ -43,6 +43,20 @@ def gateway_config(tmp: Path, mqtt_port: int, topic_root: str, queue: dict[str, 
     return path
 
 
+#: daemons started and not stopped yet: a failing test's are killed at teardown (conftest)
+LIVE: set[GatewayProcess] = set()
+
+
+def reap() -> None:
+    """Kill every daemon a test left running (it failed before stopping it)."""
+    for gw in list(LIVE):
+        if gw.proc is not None and gw.proc.poll() is None:
+            gw.proc.kill()
+            gw.proc.wait(10)
+        gw.proc = None
+    LIVE.clear()
+
+
 class GatewayProcess:
     def __init__(self, config: Path, workdir: Path, env: dict[str, str] | None = None) -> None:
         self.config = config
@@ -67,6 +81,7 @@ class GatewayProcess:
         self.proc = subprocess.Popen([sys.executable, "-m", "gateway", "-c", str(self.config), "run"],
                                      cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                                      env={**_env(), **self.extra_env})
+        LIVE.add(self)
         log.close()
         if wait_ready:
             wait_until(lambda: self._alive() and "ready: subscribed" in self.log(), 20,
@@ -89,6 +104,7 @@ class GatewayProcess:
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(10)
         self.proc = None
+        LIVE.discard(self)
 
     def stop(self, timeout: float = 30) -> int:
         if self.proc is None:
@@ -101,6 +117,7 @@ class GatewayProcess:
             self.proc.wait(10)
             raise AssertionError(f"gateway did not stop within {timeout}s:\n{self.log()}") from None
         self.proc = None
+        LIVE.discard(self)
         return code
 
     def log(self) -> str:

@@ -187,8 +187,21 @@ def read_header(raw: bytes | memoryview, expected_pos: int) -> Header | None:
 class Frame:
     """A decoded frame: its header and columns; payloads are sliced on demand."""
 
-    __slots__ = ("_deltas", "_total", "body", "extras", "flags", "header", "lengths",
-                 "offsets", "prefix", "queue", "sizes", "topic_idx", "topics")
+    __slots__ = (
+        "_total",
+        "body",
+        "deltas",
+        "extras",
+        "flags",
+        "header",
+        "lengths",
+        "offsets",
+        "prefix",
+        "queue",
+        "sizes",
+        "topic_idx",
+        "topics",
+    )
 
     def __init__(self, header: Header, stored_body: bytes | memoryview) -> None:
         self.header = header
@@ -221,7 +234,8 @@ class Frame:
         off += n
         self.topic_idx = self._column("H", body, off, n)
         off += 2 * n
-        self._deltas = self._column("I", body, off, n)
+        #: received time of each record, milliseconds after ``header.base_ms``
+        self.deltas = self._column("I", body, off, n)
         off += 4 * n
         lengths = self._column("I", body, off, n)
         off += 4 * n
@@ -276,7 +290,7 @@ class Frame:
         return self._total
 
     def received_ms(self, i: int) -> int:
-        return self.header.base_ms + self._deltas[i]
+        return self.header.base_ms + self.deltas[i]
 
     def payload(self, i: int) -> bytes:
         return self.body[self.offsets[i]:self.offsets[i + 1]]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -156,6 +156,45 @@ class StoredMessage:
     def __repr__(self) -> str:
         return (f"StoredMessage(seq={self.seq}, topic={self.topic!r}, "
                 f"payload={self.payload[:40]!r}, attempts={self.attempts})")
+
+
+def queue_messages(msgs: list[StoredMessage]) -> list[QueueMessage]:
+    """``[m.to_queue_message() for m in msgs]``, with what repeats done once: a log record
+    without extras gets its attributes from one template per (topic, flags) of its frame, and
+    its id from a per-millisecond prefix. The forwarder's hot path."""
+    out: list[QueueMessage] = []
+    append = out.append
+    frame: Frame | None = None
+    templates: dict[tuple[str, int], dict[str, str]] = {}
+    ms_hex: dict[int, str] = {}
+    base = 0
+    prefix = ""
+    deltas: Any = ()
+    flags: bytes = b""
+    for m in msgs:
+        f = m._frame
+        i = m._index
+        if f is None or m._id is not None or m._attrs is not None or i in f.extras:
+            append(m.to_queue_message())
+            continue
+        if f is not frame:
+            frame, base, deltas, flags, prefix = f, f.header.base_ms, f.deltas, f.flags, f.prefix
+            templates.clear()
+        ms = base + deltas[i]
+        head = ms_hex.get(ms)
+        if head is None:
+            head = ms_hex[ms] = f"{ms & 0xFFFF_FFFF_FFFF:012x}{prefix}"
+        msg_id = m._id = f"{head}{m.order & _SEQ_MASK:010x}"
+        key = (m.topic, flags[i])
+        template = templates.get(key)
+        if template is None:
+            template = templates[key] = f.attributes(i)
+            if m.topic:
+                template.setdefault(ATTR_MQTT_TOPIC, m.topic)
+        attrs = template.copy()
+        attrs[ATTR_MESSAGE_ID] = msg_id
+        append(QueueMessage(msg_id, m.payload, attrs, ms / 1000, 0, m))
+    return out
 
 
 @dataclass(slots=True)
