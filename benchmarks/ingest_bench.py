@@ -9,18 +9,19 @@ What happens:
 1. A private mosquitto starts on a free loopback port in a temp dir (persistence on, no
    queue or in-flight limits, autosave only at exit so periodic snapshots do not disturb
    the timing).
-2. Two persistent sessions are created (client A for mosquitto_sub, client B for the
-   gateway): connect with clean start false and a long session expiry, subscribe to
-   ``bench/<run>/#`` with QoS 1, disconnect.
+2. Each round (``--rounds``, default 3) creates two persistent sessions (client A_r for
+   mosquitto_sub, client B_r for the gateway): connect with clean start false and a long
+   session expiry, subscribe to ``bench/<run>/<r>/#`` with QoS 1, disconnect.
 3. N QoS 1 messages of ~80 bytes of JSON over 10 topics are published (paho) and the script
    waits until every one is PUBACKed: both sessions now hold a backlog of N.
-4. mosquitto_sub drains A: measured from process start to process exit (includes its
-   process start, connect and subscribe; it acks on receipt, stores nothing).
-5. The gateway drains B: measured from ``MqttIngress.run()`` start (connect included) until
-   the N-th PUBACK was written, i.e. until all N are committed in the SQLite store with the
-   chosen durability and acknowledged.
+4. mosquitto_sub drains A_r, measured from process start
+   to process exit (includes its process start, connect and subscribe; it acks on receipt,
+   stores nothing); then the gateway drains B_r into a fresh store, measured from
+   ``MqttIngress.run()`` start (connect included) until the N-th PUBACK was written, i.e.
+   until all N are committed in the SQLite store with the chosen durability and acknowledged.
 
-Prints both rates, the ratio gateway / mosquitto_sub and the store's commit figures.
+Prints both rates per round, the ratio gateway / mosquitto_sub per round and their median,
+and the store's commit figures.
 """
 
 from __future__ import annotations
@@ -132,7 +133,8 @@ def drain_with_mosquitto_sub(port: int, client_id: str, topic_filter: str, count
 
 async def drain_with_gateway(port: int, client_id: str, topic_filter: str, count: int, *,
                              args: argparse.Namespace, workdir: Path) -> tuple[float, Store, int]:
-    store = Store(str(workdir / "store.db"), StoreConfig(durability=args.durability))
+    store = Store(str(workdir / f"store-{uuid.uuid4().hex[:6]}.db"),
+                  StoreConfig(durability=args.durability))
     await store.open()
     cfg = IngressConfig(host="127.0.0.1", port=port, protocol=args.protocol,
                         subscriptions=[Subscription(topic_filter, 1)],
@@ -162,56 +164,57 @@ def main() -> None:
     parser.add_argument("--max-inflight", type=int, default=0,
                         help="mosquitto max_inflight_messages (0 = unlimited; its default "
                              "is 20, which caps an MQTT 3.1.1 subscriber's window)")
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--profile", metavar="FILE", help="cProfile the gateway drain into FILE")
     args = parser.parse_args()
     count = args.messages
     run_id = uuid.uuid4().hex[:8]
     prefix = f"bench/{run_id}"
     topic_filter = f"{prefix}/#"
+    rounds: list[tuple[float, float]] = []
     with tempfile.TemporaryDirectory(prefix="ingest-bench-") as tmp:
         workdir = Path(tmp)
         server = mosquitto_server(workdir / "mosquitto", extra_conf=(
             f"autosave_interval 0\nmax_inflight_messages {args.max_inflight}\n"))
         server.start()
         try:
-            client_a, client_b = f"bench-sub-{run_id}", f"bench-gw-{run_id}"
-            create_session(server.port, client_a, topic_filter, args.protocol)
-            create_session(server.port, client_b, topic_filter, args.protocol)
-            pub_seconds = publish_backlog(server.port, prefix, count)
-            print(f"published {count} QoS 1 messages in {pub_seconds:.2f}s "
-                  f"({count / pub_seconds:,.0f} msg/s); backlog of {count} for each session")
-            sub_seconds = drain_with_mosquitto_sub(server.port, client_a, topic_filter, count,
-                                                   args.protocol)
-            if args.profile:
-                import cProfile
-                profiler = cProfile.Profile()
-                profiler.enable()
-            gw_seconds, store, depth = asyncio.run(
-                drain_with_gateway(server.port, client_b, topic_filter, count, args=args,
-                                   workdir=workdir))
-            if args.profile:
-                profiler.disable()
-                profiler.dump_stats(args.profile)
+            for r in range(args.rounds):
+                client_a, client_b = f"bench-sub-{run_id}-{r}", f"bench-gw-{run_id}-{r}"
+                topic_filter = f"{prefix}/{r}/#"
+                create_session(server.port, client_a, topic_filter, args.protocol)
+                create_session(server.port, client_b, topic_filter, args.protocol)
+                pub_seconds = publish_backlog(server.port, f"{prefix}/{r}", count)
+                print(f"published {count} QoS 1 messages in {pub_seconds:.2f}s "
+                      f"({count / pub_seconds:,.0f} msg/s); backlog of {count} for each session")
+                sub_seconds = drain_with_mosquitto_sub(server.port, client_a, topic_filter,
+                                                       count, args.protocol)
+                if args.profile:
+                    import cProfile
+                    profiler = cProfile.Profile()
+                    profiler.enable()
+                gw_seconds, store, depth = asyncio.run(
+                    drain_with_gateway(server.port, client_b, topic_filter, count, args=args,
+                                       workdir=workdir))
+                if args.profile:
+                    profiler.disable()
+                    profiler.dump_stats(args.profile)
+                if depth != count:
+                    raise SystemExit(f"expected {count} stored messages, found {depth}")
+                rounds.append((sub_seconds, gw_seconds))
+                print(f"round {len(rounds)}: mosquitto_sub {count / sub_seconds:10,.0f} msg/s, "
+                      f"gateway {count / gw_seconds:10,.0f} msg/s, ratio "
+                      f"{sub_seconds / gw_seconds:.2f}; {store.commits} commits")
         finally:
             server.stop()
-    sub_rate, gw_rate = count / sub_seconds, count / gw_seconds
+    ratios = sorted(sub / gw for sub, gw in rounds)
     print(f"machine: {os.cpu_count()} cores, python {sys.version.split()[0]}")
     print(f"protocol MQTT {args.protocol}, durability={args.durability}, "
           f"commit_interval_ms={store.cfg.commit_interval_ms}, "
           f"commit_batch_size={store.cfg.commit_batch_size}, "
           f"receive_maximum={args.receive_maximum}, "
           f"broker max_inflight_messages={args.max_inflight}")
-    print(f"mosquitto_sub : {sub_rate:10,.0f} msg/s  ({sub_seconds:.3f}s, process start to exit)")
-    print(f"gateway       : {gw_rate:10,.0f} msg/s  ({gw_seconds:.3f}s, run() start to the "
-          f"last PUBACK after commit)")
-    print(f"ratio gateway/mosquitto_sub: {gw_rate / sub_rate:.2f}")
-    print(f"store: {depth} messages stored, {store.commits} commits "
-          f"({count / max(store.commits, 1):.0f} msg/commit, "
-          f"{store.commits / gw_seconds:.0f} commits/s, each one fsync-bounded with "
-          f"durability={args.durability}; last commit took "
-          f"{store.last_commit_seconds * 1000:.1f} ms)")
-    if depth != count:
-        raise SystemExit(f"expected {count} stored messages, found {depth}")
+    print(f"median ratio gateway/mosquitto_sub over {len(ratios)} rounds: "
+          f"{ratios[len(ratios) // 2]:.2f} (all: {', '.join(f'{r:.2f}' for r in ratios)})")
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from gateway.aio import wait_event
 from gateway.config import Config
 from gateway.errors import QueueError, RetryableError, StoreError, UplinkUnavailable
+from gateway.message import QueueMessage
 from gateway.queue.interface import MessageQueueInterface, PublishResult
 from gateway.store.records import Settlement, StoredMessage, queue_messages
 from gateway.store.store import Store
@@ -77,7 +78,7 @@ class Forwarder:
         #: after an outage the next batch is one message: a dead link is not handed a whole
         #: batch per backoff round
         self._probe = False
-        self._ahead: asyncio.Task[list[StoredMessage]] | None = None
+        self._ahead: asyncio.Task[_Batch] | None = None
         self._settling: asyncio.Future[None] | None = None
 
     def stop(self) -> None:
@@ -193,7 +194,7 @@ class Forwarder:
         settlement, unavailable = await self._publish_all(batch)
         in_order = not settlement.retry and not settlement.release
         if not in_order:
-            settlement.release.extend(m.seq for m in await self._take_ahead())
+            settlement.release.extend(m.seq for m in (await self._take_ahead()).messages)
         await self._settled()
         self._settling = self.store.submit_settle(settlement)
         if not in_order:
@@ -208,17 +209,21 @@ class Forwarder:
         await self._pace(len(settlement.delivered), started)
         return len(settlement.delivered)
 
-    async def _next_batch(self, limit: int) -> list[StoredMessage]:
+    async def _next_batch(self, limit: int) -> _Batch:
         if self._ahead is not None:
             return await self._take_ahead()
         return await self._lease(limit)
 
-    async def _lease(self, limit: int) -> list[StoredMessage]:
-        return await self.store.lease(self.queue, limit, max_bytes=self.cfg.max_batch_bytes)
+    async def _lease(self, limit: int) -> _Batch:
+        """Lease a batch and convert it for the uplink. Leased ahead, the conversion runs
+        while the batch before it waits for the uplink's acknowledgements."""
+        leased = await self.store.lease(self.queue, limit, max_bytes=self.cfg.max_batch_bytes)
+        return _Batch(leased, [(dest, group, queue_messages(group))
+                               for dest, group in self._group(leased)])
 
-    async def _take_ahead(self) -> list[StoredMessage]:
+    async def _take_ahead(self) -> _Batch:
         task, self._ahead = self._ahead, None
-        return [] if task is None else await task
+        return _EMPTY if task is None else await task
 
     async def _settled(self) -> None:
         task, self._settling = self._settling, None
@@ -230,17 +235,18 @@ class Forwarder:
         ahead = await self._take_ahead()
         if ahead:
             await self._settled()
-            self._settling = self.store.submit_settle(Settlement(release=[m.seq for m in ahead]))
+            self._settling = self.store.submit_settle(
+                Settlement(release=[m.seq for m in ahead.messages]))
         await self._settled()
 
-    async def _publish_all(self, batch: list[StoredMessage]) -> tuple[Settlement, UplinkUnavailable | None]:
+    async def _publish_all(self, batch: _Batch) -> tuple[Settlement, UplinkUnavailable | None]:
         settlement = Settlement()
         unavailable: UplinkUnavailable | None = None
-        for destination, group in self._group(batch):
+        for destination, group, messages in batch.groups:
             if unavailable is not None:
                 settlement.release.extend(m.seq for m in group)
                 continue
-            results = await self._publish(destination, group)
+            results = await self._publish(destination, messages)
             unavailable = self._settle_group(group, results, settlement)
         return settlement, unavailable
 
@@ -252,8 +258,7 @@ class Forwarder:
             groups.setdefault(self.destination(msg.topic), []).append(msg)
         return list(groups.items())
 
-    async def _publish(self, destination: str, group: list[StoredMessage]) -> list[PublishResult]:
-        messages = queue_messages(group)
+    async def _publish(self, destination: str, messages: list[QueueMessage]) -> list[PublishResult]:
         try:
             results = await asyncio.wait_for(
                 self.uplink.publish_batch(destination, messages), self.cfg.publish_timeout)
@@ -279,6 +284,9 @@ class Forwarder:
 
     def _settle_group(self, group: list[StoredMessage], results: list[PublishResult],
                       settlement: Settlement) -> UplinkUnavailable | None:
+        if all(r.error is None for r in results):  # the usual case, without a loop per message
+            settlement.delivered.extend(m.seq for m in group)
+            return None
         unavailable: UplinkUnavailable | None = None
         for msg, result in zip(group, results, strict=True):
             error = result.error
@@ -314,6 +322,20 @@ class Forwarder:
             spare = sent / self.cfg.max_rate - (time.monotonic() - started)
             if spare > 0:
                 await self._sleep_or_stop(spare)
+
+
+@dataclass(slots=True)
+class _Batch:
+    """A leased batch: its messages, and per destination the group and its QueueMessages."""
+
+    messages: list[StoredMessage]
+    groups: list[tuple[str, list[StoredMessage], list[QueueMessage]]]
+
+    def __len__(self) -> int:
+        return len(self.messages)
+
+
+_EMPTY = _Batch([], [])
 
 
 class _Disconnected(UplinkUnavailable):

@@ -67,6 +67,10 @@ class QueueMessage:
     timestamp: float = 0.0
     retry_count: int = 0
     raw_message: Any | None = None
+    #: messages with the same ``shape`` object (identity, not value) have the same attributes
+    #: apart from the message id: an uplink may do per-shape work (headers, keys) once per
+    #: batch. Set by the forwarder; None = no such promise.
+    shape: object | None = field(default=None, compare=False, repr=False)
 
     def json(self) -> Any:
         """The body decoded as JSON; raises ValueError when it is not JSON."""

@@ -66,6 +66,8 @@ class KeyTemplate:
     parts: tuple[Part, ...]
     #: every part is literal text or reads the MQTT topic: keys are cached per topic
     topic_only: bool = False
+    #: the template reads the message id ({id}): no two messages share a key by shape
+    uses_id: bool = False
     _by_topic: dict[str, bytes] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -85,7 +87,8 @@ class KeyTemplate:
             raise ConfigError(key, template, "unbalanced '{' or '}'")
         if rest:
             parts.append(_literal(rest))
-        return cls(template, tuple(parts), topic_only)
+        return cls(template, tuple(parts), topic_only,
+                   any(m.group(1) == "id" for m in _PLACEHOLDER.finditer(template)))
 
     def render(self, msg: QueueMessage) -> bytes | None:
         if not self.topic_only:

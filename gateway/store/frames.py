@@ -188,6 +188,8 @@ class Frame:
     """A decoded frame: its header and columns; payloads are sliced on demand."""
 
     __slots__ = (
+        "_heads",
+        "_templates",
         "_total",
         "body",
         "deltas",
@@ -206,6 +208,8 @@ class Frame:
     def __init__(self, header: Header, stored_body: bytes | memoryview) -> None:
         self.header = header
         self._total = -1
+        self._templates: dict[tuple[int, int], dict[str, str]] = {}
+        self._heads: dict[int, str] = {}
         #: set by the reader: the queue's name and the store's id prefix (derived ids)
         self.queue = self.prefix = ""
         if zlib.crc32(stored_body) != header.crc:
@@ -288,6 +292,30 @@ class Frame:
                 topic_lens = [len(t) for t in self.topics]
                 self._total = sum(self.lengths) + sum(map(topic_lens.__getitem__, self.topic_idx))
         return self._total
+
+    def template(self, i: int) -> dict[str, str] | None:
+        """The attributes (MQTT topic, QoS, retain) shared by every record of this frame with
+        record ``i``'s topic and flags, or None when record ``i`` has extras of its own. The
+        same dict for all of them: its identity is their QueueMessage ``shape``."""
+        if i in self.extras:
+            return None
+        key = (self.topic_idx[i], self.flags[i])
+        found = self._templates.get(key)
+        if found is None:
+            found = self._templates[key] = self.attributes(i)
+            topic = self.topics[key[0]]
+            if topic:
+                found.setdefault(ATTR_MQTT_TOPIC, topic)
+        return found
+
+    def id_head(self, i: int) -> str:
+        """The first 22 hex digits of record ``i``'s derived id: its received milliseconds and
+        the store's prefix (the same for every record of the same millisecond)."""
+        ms = self.header.base_ms + self.deltas[i]
+        head = self._heads.get(ms)
+        if head is None:
+            head = self._heads[ms] = f"{ms & 0xFFFF_FFFF_FFFF:012x}{self.prefix}"
+        return head
 
     def received_ms(self, i: int) -> int:
         return self.header.base_ms + self.deltas[i]

@@ -91,7 +91,7 @@ def park(c: sqlite3.Connection, cursor: str, rows: Iterable[ParkedRow]) -> tuple
         m = r.message
         size = m.size
         total += size
-        values.append((cursor, m.order, m.id, m.topic, m.payload, attrs_blob(m.attributes or None),
+        values.append((cursor, m.order, m.id, m.topic, m.payload, attrs_blob(m.stored_attributes or None),
                        size, m.priority, m.received_at, r.not_before, r.attempts, r.chain,
                        r.last_error))
     c.executemany("INSERT INTO parked(cursor, seq, id, topic, payload, attributes, size, priority,"
@@ -169,7 +169,7 @@ def insert_dead(c: sqlite3.Connection, queue: str, m: StoredMessage, attempts: i
     size = m.size
     c.execute("INSERT INTO dead_letters(id, queue, topic, payload, attributes, size, received_at,"
               " failed_at, attempts, reason) VALUES (?,?,?,?,?,?,?,?,?,?)",
-              (m.id, queue, m.topic, m.payload, attrs_blob(m.attributes or None), size,
+              (m.id, queue, m.topic, m.payload, attrs_blob(m.stored_attributes or None), size,
                m.received_at, now, attempts, reason))
     return size
 

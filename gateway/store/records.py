@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import orjson
 
@@ -53,21 +53,19 @@ STORED = AppendOutcome(AppendStatus.STORED)
 _SEQ_MASK = (1 << 40) - 1
 
 
-def derive_id(received_ms: int, prefix: str, seq: int) -> str:
-    return f"{received_ms & 0xFFFF_FFFF_FFFF:012x}{prefix}{seq & _SEQ_MASK:010x}"
+class StoredMessage(QueueMessage):
+    """A message handed out by the store, and the QueueMessage the uplink gets: one object, its
+    fields built on first use (the store alone needs none of them, an uplink those it reads).
 
+    ``seq`` is the handle its settlement names: the log seq of a record in the log, or
+    ``-pid`` of a parked message. ``order`` is the log seq both kinds sort by. ``shape`` (see
+    QueueMessage) is shared by the log records of a frame with the same topic and flags."""
 
-class StoredMessage:
-    """A message handed out by the store. ``seq`` is the handle its settlement names: the log
-    seq of a record in the log, or ``-pid`` of a parked message. ``order`` is the log seq
-    both kinds sort by. The id, attributes and received time of a log record are read from
-    its frame on first use (the uplink needs them once; the store alone never)."""
-
-    __slots__ = ("_attrs", "_frame", "_id", "_index", "_queue", "_received", "attempts",
-                 "order", "payload", "priority", "seq", "topic", "until")
+    __slots__ = ("_frame", "_id", "_index", "_qattrs", "_queue", "_raw_attrs", "_received",
+                 "attempts", "order", "payload", "priority", "seq", "topic", "until")
     seq: int
     order: int
-    topic: str
+    topic: str  # a plain field here, a property in QueueMessage
     payload: bytes
     priority: int
     attempts: int
@@ -76,15 +74,17 @@ class StoredMessage:
     _frame: Frame | None
     _index: int
     _id: str | None
-    _attrs: dict[str, str] | None
+    #: the attributes as stored (no id; the MQTT ones of a log record are rebuilt from flags)
+    _raw_attrs: dict[str, str] | None
+    #: the attributes as the uplink sees them (with the id and the MQTT topic), once built
+    _qattrs: dict[str, str] | None
     _received: float | None
     _queue: str
 
     # positional on purpose: built once per message on the drain's hot path
     def __init__(self, seq: int, topic: str, payload: bytes, frame: Frame, index: int,  # noqa: PLR0917
                  until: float) -> None:
-        """A log record: ``index`` in ``frame``, leased until ``until`` (monotonic); the hot
-        path of a drain builds these."""
+        """A log record: ``index`` in ``frame``, leased until ``until`` (monotonic)."""
         self.seq = self.order = seq
         self.topic = topic
         self.payload = payload
@@ -92,7 +92,7 @@ class StoredMessage:
         self._index = index
         self.until = until
         self.priority = self.attempts = 0
-        self._id = self._attrs = self._received = None
+        self._id = self._raw_attrs = self._qattrs = self._received = None
 
     @classmethod
     def detached(cls, seq: int, queue: str, topic: str, payload: bytes, received_at: float, *,
@@ -103,9 +103,89 @@ class StoredMessage:
         msg.seq, msg.topic, msg.payload = seq, topic, payload
         msg._frame, msg._index = None, 0
         msg.order, msg.priority, msg.attempts = order, priority, attempts
-        msg._id, msg._attrs, msg._received = msg_id, attributes, received_at
-        msg._queue, msg.until = queue, 0.0
+        msg._id, msg._raw_attrs, msg._received = msg_id, attributes, received_at
+        msg._qattrs, msg._queue, msg.until = None, queue, 0.0
         return msg
+
+    # -- the QueueMessage fields ------------------------------------------------------
+
+    @property
+    def id(self) -> str:
+        if self._id is None:
+            frame = self._frame
+            assert frame is not None
+            i = self._index
+            self._id = frame.explicit_id(i) or (
+                frame.id_head(i) + hex(self.order & _SEQ_MASK)[2:].zfill(10))
+        return self._id
+
+    @id.setter
+    def id(self, value: str) -> None:
+        self._id = value
+
+    @property
+    def body(self) -> bytes:
+        return self.payload
+
+    @body.setter
+    def body(self, value: bytes) -> None:
+        self.payload = value
+
+    @property
+    def attributes(self) -> dict[str, str]:
+        """Stored attributes plus the message id and the MQTT topic, built once."""
+        attrs = self._qattrs
+        if attrs is None:
+            frame = self._frame
+            template = frame.template(self._index) if frame is not None else None
+            if template is not None:
+                attrs = template.copy()
+            else:
+                attrs = dict(self.stored_attributes)
+                if self.topic:
+                    attrs.setdefault(ATTR_MQTT_TOPIC, self.topic)
+            attrs.setdefault(ATTR_MESSAGE_ID, self.id)
+            self._qattrs = attrs
+        return attrs
+
+    @attributes.setter
+    def attributes(self, value: dict[str, str]) -> None:
+        self._qattrs = value
+
+    @property
+    def timestamp(self) -> float:
+        return self.received_at
+
+    @timestamp.setter
+    def timestamp(self, value: float) -> None:
+        self._received = value
+
+    @property
+    def retry_count(self) -> int:
+        return self.attempts
+
+    @retry_count.setter
+    def retry_count(self, value: int) -> None:
+        self.attempts = value
+
+    @property
+    def raw_message(self) -> StoredMessage:
+        return self
+
+    @raw_message.setter
+    def raw_message(self, value: object) -> None:
+        raise AttributeError("a stored message is its own raw message")
+
+    @property
+    def shape(self) -> object | None:
+        frame = self._frame
+        return frame.template(self._index) if frame is not None else None
+
+    @shape.setter
+    def shape(self, value: object | None) -> None:
+        raise AttributeError("a stored message's shape comes from its frame")
+
+    # -- the store's own ---------------------------------------------------------------
 
     @property
     def queue(self) -> str:
@@ -121,20 +201,12 @@ class StoredMessage:
         return self._received
 
     @property
-    def id(self) -> str:
-        if self._id is None:
+    def stored_attributes(self) -> dict[str, str]:
+        """The attributes as stored: without the id (log records: MQTT ones from flags)."""
+        if self._raw_attrs is None:
             frame = self._frame
-            assert frame is not None
-            self._id = frame.explicit_id(self._index) or derive_id(
-                frame.received_ms(self._index), frame.prefix, self.order)
-        return self._id
-
-    @property
-    def attributes(self) -> dict[str, str]:
-        if self._attrs is None:
-            frame = self._frame
-            self._attrs = frame.attributes(self._index) if frame is not None else {}
-        return self._attrs
+            self._raw_attrs = frame.attributes(self._index) if frame is not None else {}
+        return self._raw_attrs
 
     @property
     def size(self) -> int:
@@ -142,16 +214,11 @@ class StoredMessage:
         frame = self._frame
         if frame is not None:
             return frame.size(self._index)
-        attrs = self._attrs
+        attrs = self._raw_attrs
         return len(self.payload) + len(self.topic) + (len(orjson.dumps(attrs)) if attrs else 0)
 
     def to_queue_message(self) -> QueueMessage:
-        attrs = dict(self.attributes)
-        msg_id = self.id
-        attrs.setdefault(ATTR_MESSAGE_ID, msg_id)
-        if self.topic:
-            attrs.setdefault(ATTR_MQTT_TOPIC, self.topic)
-        return QueueMessage(msg_id, self.payload, attrs, self.received_at, self.attempts, self)
+        return self
 
     def __repr__(self) -> str:
         return (f"StoredMessage(seq={self.seq}, topic={self.topic!r}, "
@@ -159,42 +226,8 @@ class StoredMessage:
 
 
 def queue_messages(msgs: list[StoredMessage]) -> list[QueueMessage]:
-    """``[m.to_queue_message() for m in msgs]``, with what repeats done once: a log record
-    without extras gets its attributes from one template per (topic, flags) of its frame, and
-    its id from a per-millisecond prefix. The forwarder's hot path."""
-    out: list[QueueMessage] = []
-    append = out.append
-    frame: Frame | None = None
-    templates: dict[tuple[str, int], dict[str, str]] = {}
-    ms_hex: dict[int, str] = {}
-    base = 0
-    prefix = ""
-    deltas: Any = ()
-    flags: bytes = b""
-    for m in msgs:
-        f = m._frame
-        i = m._index
-        if f is None or m._id is not None or m._attrs is not None or i in f.extras:
-            append(m.to_queue_message())
-            continue
-        if f is not frame:
-            frame, base, deltas, flags, prefix = f, f.header.base_ms, f.deltas, f.flags, f.prefix
-            templates.clear()
-        ms = base + deltas[i]
-        head = ms_hex.get(ms)
-        if head is None:
-            head = ms_hex[ms] = f"{ms & 0xFFFF_FFFF_FFFF:012x}{prefix}"
-        msg_id = m._id = f"{head}{m.order & _SEQ_MASK:010x}"
-        key = (m.topic, flags[i])
-        template = templates.get(key)
-        if template is None:
-            template = templates[key] = f.attributes(i)
-            if m.topic:
-                template.setdefault(ATTR_MQTT_TOPIC, m.topic)
-        attrs = template.copy()
-        attrs[ATTR_MESSAGE_ID] = msg_id
-        append(QueueMessage(msg_id, m.payload, attrs, ms / 1000, 0, m))
-    return out
+    """The messages as the uplink takes them (each is its own QueueMessage)."""
+    return list(msgs)
 
 
 @dataclass(slots=True)

@@ -174,6 +174,10 @@ def test_ids_are_derived_stable_and_unique(tmp_path: Path) -> None:
     db = open_db(path)
     again = [m.id for m in db.lease(Q, 10, 60.0, time.time())]
     assert ids == again and len(set(ids)) == 3 and all(len(i) == 32 for i in ids)
+    # received milliseconds, the store's 40-bit prefix, the seq (docs/architecture.md)
+    assert all(i[12:22] == db.id_prefix for i in ids)
+    assert [int(i[22:], 16) for i in ids] == [0, 1, 2]
+    assert all(abs(int(i[:12], 16) / 1000 - time.time()) < 60 for i in ids)
     db.close()
 
 

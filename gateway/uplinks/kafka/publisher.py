@@ -220,8 +220,7 @@ class Publisher:
             await self._check_topic(topic)
         except QueueError as exc:
             return [PublishResult(m.id, exc) for m in messages]
-        render = self.key.render
-        records = [(render(m), record_headers(m)) for m in messages]
+        records = self._records(messages)
         errors = await self._send(topic, messages, records, range(len(messages)))
         again = [i for i, e in enumerate(errors)
                  if isinstance(e, KafkaError) and e.code() in RECORD_REJECTED_CODES]
@@ -236,6 +235,28 @@ class Publisher:
                         errors[j] = errors[i]  # keep order: nothing behind it goes now
                     break
         return [self._result(m, e, topic) for m, e in zip(messages, errors, strict=True)]
+
+    def _records(self, messages: Sequence[QueueMessage]) -> list[tuple[bytes | None, Headers]]:
+        """(key, headers) per message; messages of one shape (same attributes but the id)
+        share their key and the headers after the id, built once per batch."""
+        render = self.key.render
+        by_shape: dict[int, tuple[bytes | None, Headers]] = {}
+        cache_keys = not self.key.uses_id
+        records: list[tuple[bytes | None, Headers]] = []
+        append = records.append
+        for m in messages:
+            shape = m.shape
+            if shape is None:
+                append((render(m), record_headers(m)))
+                continue
+            known = by_shape.get(id(shape))
+            if known is None:
+                headers = record_headers(m)
+                known = by_shape[id(shape)] = (render(m) if cache_keys else None, headers[1:])
+            key, tail = known
+            append((key if cache_keys else render(m),
+                    [(ATTR_MESSAGE_ID, m.id.encode()), *tail]))
+        return records
 
     async def send_one(self, topic: str, key: bytes | None, body: bytes,
                        headers: Headers) -> None:
