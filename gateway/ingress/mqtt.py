@@ -89,6 +89,7 @@ from gateway.message import (
     ATTR_MQTT_RETAIN,
     ATTR_MQTT_TOPIC,
 )
+from gateway.store.frames import FROM_MQTT, RETAIN
 from gateway.store.records import AppendOutcome, AppendStatus, NewMessage
 
 log = logging.getLogger("gateway.ingress")
@@ -395,9 +396,9 @@ class MqttIngress:
         """The store's form of a PUBLISH. Without ``message_id`` the store derives the id from
         the received time and the message's seq (docs/architecture.md)."""
         topic = packet.topic
-        attrs = {ATTR_MQTT_TOPIC: topic, ATTR_MQTT_QOS: _QOS_TEXT[packet.qos]}
-        if packet.retain:
-            attrs[ATTR_MQTT_RETAIN] = "1"
+        # the MQTT topic, QoS and retain travel as record flags; attributes hold the rest
+        flags = FROM_MQTT | packet.qos | (RETAIN if packet.retain else 0)
+        attrs: dict[str, str] = {}
         props = packet.properties
         if props is not None:
             if props.content_type is not None:
@@ -405,7 +406,7 @@ class MqttIngress:
             for key, value in props.user_properties:
                 if key not in RESERVED_ATTRIBUTES:
                     attrs[key] = value
-        message = NewMessage(message_id, topic, packet.payload, attrs, now)
+        message = NewMessage(message_id, topic, packet.payload, attrs, now, mqtt_flags=flags)
         size = len(packet.payload)
         if size > self.cfg.max_message_bytes:
             self.too_large += 1

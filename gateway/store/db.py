@@ -39,7 +39,15 @@ from gateway.config import StoreConfig
 from gateway.message import new_message_id
 from gateway.store import parked
 from gateway.store.cursors import Cursor
-from gateway.store.frames import MAX_DELTA_MS, Frame, Record, extras_blob, mqtt_flags, record_size
+from gateway.store.frames import (
+    MAX_DELTA_MS,
+    Frame,
+    Record,
+    extras_blob,
+    mqtt_attributes,
+    mqtt_flags,
+    record_size,
+)
 from gateway.store.leases import Leases
 from gateway.store.log import Chunk, Damaged, Log
 from gateway.store.records import (
@@ -117,6 +125,13 @@ class Limits:
 
 def is_disk_full(exc: BaseException) -> bool:
     return isinstance(exc, sqlite3.Error) and getattr(exc, "sqlite_errorcode", None) == SQLITE_FULL
+
+
+def _full_attributes(m: NewMessage) -> dict[str, str]:
+    """A new message's attributes with the MQTT ones its flags stand for."""
+    if m.mqtt_flags < 0:
+        return dict(m.attributes)
+    return {**mqtt_attributes(m.topic, m.mqtt_flags), **m.attributes}
 
 
 class NewerStore(sqlite3.DatabaseError):
@@ -484,35 +499,45 @@ class StoreDb:
         records: list[Record] = []
         sizes: list[int] = []
         count, nbytes = self._live()
+        max_count, max_bytes = self.limits.max_messages, self.limits.max_bytes
         now = time.time()
         lo = hi = 0
         for m in msgs:
-            flags, attrs = mqtt_flags(m.attributes) if m.attributes else (0, None)
-            extras = extras_blob(m.id or None, attrs)
-            size = record_size(m.topic, len(m.payload), extras)
+            attrs: dict[str, str] | None = m.attributes
+            flags = m.mqtt_flags
+            if flags < 0:
+                flags, attrs = mqtt_flags(attrs) if attrs else (0, None)
+            extras = extras_blob(m.id, attrs) if m.id or attrs else b""
+            topic, payload = m.topic, m.payload
+            size = (len(payload) + len(topic) if not extras
+                    else record_size(topic, len(payload), extras))
             if m.dead_letter_reason is not None:
                 self._dead_on_arrival(queue, m, size)
                 outcomes.append(AppendOutcome(AppendStatus.DEAD_LETTERED, m.dead_letter_reason))
                 continue
-            refused = self._make_room(queue, size, count, nbytes, pending=records,
-                                      pending_sizes=sizes)
-            if refused is not None:
-                outcomes.append(refused)
-                continue
-            if not records:  # _make_room may have written them
-                count, nbytes = self._live()
-            count, nbytes = count + 1, nbytes + size
+            if count + 1 > max_count or nbytes + size > max_bytes:
+                refused = self._make_room(queue, size, count, nbytes, pending=records,
+                                          pending_sizes=sizes)
+                if refused is not None:
+                    outcomes.append(refused)
+                    continue
+                if not records:  # _make_room wrote them and dropped older messages
+                    count, nbytes = self._live()
+            count += 1
+            nbytes += size
             outcomes.append(STORED)
             if m.priority or m.delay_seconds > 0:
                 self._park_new(cur, m, log.head_seq + len(records), now)
                 continue
             ms = int(m.received_at * 1000)
-            if records and max(hi, ms) - min(lo, ms) > MAX_DELTA_MS:
-                self._write_frame(cur, records, sizes)  # a frame spans at most 49 days
             if not records:
                 lo = hi = ms
-            lo, hi = min(lo, ms), max(hi, ms)
-            records.append(Record(m.topic, m.payload, ms, flags, extras))
+            elif ms < lo or ms > hi:
+                lo, hi = min(lo, ms), max(hi, ms)
+                if hi - lo > MAX_DELTA_MS:  # a frame spans at most 49 days
+                    self._write_frame(cur, records, sizes)
+                    lo = hi = ms
+            records.append(Record(topic, payload, ms, flags, extras))
             sizes.append(size)
         self._write_frame(cur, records, sizes)
         return outcomes
@@ -548,7 +573,7 @@ class StoreDb:
         msg = StoredMessage.detached(0, queue, m.topic, m.payload, m.received_at, order=0,
                                      priority=m.priority, attempts=0,
                                      msg_id=m.id or new_message_id(m.received_at),
-                                     attributes=dict(m.attributes))
+                                     attributes=_full_attributes(m))
         parked.insert_dead(self._c, queue, msg, 0, m.dead_letter_reason or "", now=time.time())
         self.dead_count += 1
         self.dead_bytes += size
@@ -559,7 +584,7 @@ class StoreDb:
         msg = StoredMessage.detached(0, cur.queue, m.topic, m.payload, m.received_at,
                                      order=order, priority=m.priority, attempts=0,
                                      msg_id=m.id or new_message_id(m.received_at),
-                                     attributes=dict(m.attributes))
+                                     attributes=_full_attributes(m))
         not_before = m.received_at + m.delay_seconds if m.delay_seconds > 0 else 0.0
         n, size = parked.park(self._c, cur.name, [parked.ParkedRow(msg, 0, not_before, 0)])
         cur.parked_count += n

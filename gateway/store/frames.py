@@ -32,6 +32,7 @@ from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import accumulate
+from typing import NamedTuple
 
 import orjson
 
@@ -87,10 +88,10 @@ class Header:
         return self.first_seq + self.count
 
 
-@dataclass(slots=True)
-class Record:
+class Record(NamedTuple):
     """One record to encode. ``extras`` holds what the columns cannot: attributes other than
-    the MQTT ones, and an id that is not derived from the seq."""
+    the MQTT ones, and an id that is not derived from the seq. (A tuple: one per message
+    appended, the cheapest object to build.)"""
 
     topic: str
     payload: bytes
@@ -139,30 +140,20 @@ def encode(records: Sequence[Record], *, pos: int, first_seq: int, cum_bytes: in
     """One frame (header + body) for ``records``; their received times must lie within
     ``MAX_DELTA_MS`` of the earliest (the writer splits frames otherwise)."""
     topics: dict[str, int] = {}
-    topic_idx: list[int] = []
-    base_ms = min(r.received_ms for r in records)
-    deltas: list[int] = []
-    lengths: list[int] = []
-    flags = bytearray()
-    extras: list[bytes] = []
-    for r in records:
-        idx = topics.get(r.topic)
-        if idx is None:
-            idx = topics[r.topic] = len(topics)
-        topic_idx.append(idx)
-        deltas.append(r.received_ms - base_ms)
-        lengths.append(len(r.payload))
-        if r.extras:
-            flags.append(r.flags | HAS_EXTRAS)
-            extras.append(r.extras)
-        else:
-            flags.append(r.flags)
+    names, payloads, times, flag_list, extra_list = zip(*records, strict=True)
+    base_ms = min(times)
+    topic_idx = [topics.setdefault(name, len(topics)) for name in names]
+    deltas = [t - base_ms for t in times]
+    lengths = [len(p) for p in payloads]
+    extras = [e for e in extra_list if e]
+    flags = bytes(f | HAS_EXTRAS if e else f for f, e in zip(flag_list, extra_list, strict=True)
+                  ) if extras else bytes(flag_list)
     table = [struct.pack("<H", len(topics))]
     for name in topics:
         raw = name.encode()
         table.append(struct.pack("<H", len(raw)) + raw)
     body = b"".join((*table, flags, _u16s(topic_idx), _u32s(deltas), _u32s(lengths),
-                     *(r.payload for r in records), *extras))
+                     *payloads, *extras))
     frame_flags = 0
     if compress and len(body) >= 64:
         packed = zlib.compress(body, 1)
@@ -344,13 +335,19 @@ class Frame:
         if extra and extra[1]:
             attrs.update(extra[1])
         if flags & FROM_MQTT:
-            topic = self.topic(i)
-            if topic:
-                attrs[ATTR_MQTT_TOPIC] = topic
-            attrs[ATTR_MQTT_QOS] = _QOS_TEXT[flags & QOS_MASK]
-            if flags & RETAIN:
-                attrs[ATTR_MQTT_RETAIN] = "1"
+            attrs.update(mqtt_attributes(self.topic(i), flags))
         return attrs
+
+
+def mqtt_attributes(topic: str, flags: int) -> dict[str, str]:
+    """The attributes record flags stand for (empty when the record is not from MQTT)."""
+    if not flags & FROM_MQTT:
+        return {}
+    attrs = {ATTR_MQTT_TOPIC: topic} if topic else {}
+    attrs[ATTR_MQTT_QOS] = _QOS_TEXT[flags & QOS_MASK]
+    if flags & RETAIN:
+        attrs[ATTR_MQTT_RETAIN] = "1"
+    return attrs
 
 
 def mqtt_flags(attributes: dict[str, str]) -> tuple[int, dict[str, str] | None]:

@@ -27,6 +27,10 @@ class NewMessage:
     delay_seconds: float = 0.0
     #: set by the caller when the message must go straight to the dead-letter table
     dead_letter_reason: str | None = None
+    #: the ingress's fast path: >= 0 = the record flags (QoS, retain, from MQTT, see
+    #: ``gateway.store.frames``) and ``attributes`` holds only the others; -1 = read the
+    #: MQTT attributes from ``attributes``
+    mqtt_flags: int = -1
 
 
 class AppendStatus(enum.Enum):

@@ -143,7 +143,7 @@ async def test_qos1_messages_stored_in_per_topic_order(
     assert len(msgs) == 600
     assert by_topic(msgs) == {t: [p for tt, p in items if tt == t] for t in topics}
     first = msgs[0]
-    assert first.attributes == {"mqtt_topic": first.topic, "mqtt_qos": "1"}
+    assert first.stored_attributes == {"mqtt_topic": first.topic, "mqtt_qos": "1"}
     assert len(first.id) == 32
     assert abs(int(first.id[:12], 16) - first.received_at * 1000) < 2  # the id scheme
     assert len({m.id for m in msgs}) == 600
@@ -167,7 +167,7 @@ async def test_payloads_and_v5_properties_pass_through(
         await eventually(lambda: ingress.acked == len(payloads) + 1)
     msgs = await stored(store)
     assert [m.payload for m in msgs] == [*payloads, b"with props"]
-    assert msgs[-1].attributes == {"mqtt_topic": topic, "mqtt_qos": "1",
+    assert msgs[-1].stored_attributes == {"mqtt_topic": topic, "mqtt_qos": "1",
                                    "content_type": "application/octet-stream", "site": "north"}
 
 
