@@ -156,6 +156,17 @@ def proc_sample(pid: int) -> dict[str, float]:
     return {"rss_mb": rss_kb / 1024, "cpu_s": cpu, "write_bytes": float(io["write_bytes"])}
 
 
+def sample(pid: int, store: Path, reader: Reader, samples: list[dict[str, float]], *,
+           elapsed: float, up: bool) -> dict[str, float]:
+    """One second's figures: the daemon's /proc counters, the store's size, deliveries and
+    the worst publish-to-arrival latency of the messages that arrived since the last one."""
+    seen = len(reader.arrivals)
+    fresh = reader.arrivals[int(samples[-1]["delivered"]) if samples else 0:seen]
+    worst = max((arr - pub for pub, arr, _ in fresh), default=0.0) * 1000
+    return {"t": elapsed, "up": float(up), "store_mb": store_mb(store), "delivered": float(seen),
+            "latency_max_ms": round(worst, 1), **proc_sample(pid)}
+
+
 def store_mb(path: Path) -> float:
     return sum(p.stat().st_size for p in (path, Path(f"{path}-wal")) if p.exists()) / 1024**2
 
@@ -206,9 +217,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             up = not proxy.link_down
             if up != phases[-1][1]:
                 phases.append((elapsed, up))
-            s = proc_sample(pid)
-            samples.append({"t": elapsed, "up": float(up), "store_mb": store_mb(store),
-                            "delivered": float(len(reader.arrivals)), **s})
+            samples.append(sample(pid, store, reader, samples, elapsed=elapsed, up=up))
             time.sleep(1.0)
     finally:
         load.halt.set()

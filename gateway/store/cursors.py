@@ -143,7 +143,7 @@ class Cursor:
                               budget=budget):
                 break
         if out or behind:
-            self.deadlines.append(until)
+            bisect.insort(self.deadlines, until)
         return out, behind
 
     def _take(self, frame: Frame, limit: int, max_bytes: int, *, until: float,
@@ -197,6 +197,8 @@ class Cursor:
             if pop(seq, None) is None:
                 missing.append(seq)
         self.unsaved += len(seqs) - len(missing)
+        if not self.outstanding:
+            self.deadlines.clear()  # nothing handed out: no lease can run out
         return missing
 
     def expired(self, now: float) -> list[StoredMessage]:
@@ -210,7 +212,7 @@ class Cursor:
         return len(self.outstanding) - len(self.released)
 
     def next_expiry(self) -> float | None:
-        return min(self.deadlines) if self.deadlines else None
+        return self.deadlines[0] if self.deadlines else None
 
     def skip_to(self, seq: int, log: Log, on_loss: OnLoss) -> list[StoredMessage]:
         """Retention: move past every record before ``seq``; returns the outstanding and
