@@ -23,7 +23,7 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_
 
 import orjson
 
-from gateway.errors import ConfigError
+from gateway.errors import ConfigError, raise_config_errors
 
 T = TypeVar("T")
 
@@ -51,12 +51,18 @@ def parse_dataclass(cls: type[T], data: object, key: str, source: str) -> T:
     hints = get_type_hints(cls, include_extras=True)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
     values: dict[str, Any] = {}
+    errors: list[ConfigError] = []  # every key is checked: a file with two mistakes shows both
     for name, raw in data.items():
         sub = f"{key}.{name}" if key else str(name)
         if name not in fields:
             known = ", ".join(sorted(fields))
-            raise ConfigError(sub, raw, f"unknown key; known keys here: {known}", source)
-        values[name] = parse_value(hints[name], raw, sub, source)
+            errors.append(ConfigError(sub, raw, f"unknown key; known keys here: {known}", source))
+            continue
+        try:
+            values[name] = parse_value(hints[name], raw, sub, source)
+        except ConfigError as exc:
+            errors.extend(exc.all)
+    raise_config_errors(errors)
     return cls(**values)
 
 
@@ -109,7 +115,15 @@ def _list(item: Any, value: Any, key: str, source: str) -> list[Any]:
         value = _list_from_string(value)
     if not isinstance(value, list):
         raise ConfigError(key, value, "expected a list", source)
-    return [parse_value(item, v, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    out: list[Any] = []
+    errors: list[ConfigError] = []
+    for i, v in enumerate(value):
+        try:
+            out.append(parse_value(item, v, f"{key}[{i}]", source))
+        except ConfigError as exc:
+            errors.extend(exc.all)
+    raise_config_errors(errors)
+    return out
 
 
 def _list_from_string(text: str) -> Any:
