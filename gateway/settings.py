@@ -9,7 +9,9 @@ convert cleanly.
 Markers for ``Annotated`` fields:
 - DURATION: seconds as a number, or a string with a unit: "500ms", "30s", "15m", "2h", "7d".
 - SIZE: bytes as an integer, or a string with a unit: "512KB", "64MiB", "1GB" (1 KB = 1024).
-Field metadata ``{"secret": True}`` masks the value wherever config is printed.
+Field metadata ``{"secret": True}`` masks the value wherever config is printed;
+``secret_url``/``secret_connection_string`` fields mask only the secret part of theirs
+(gateway/masking.py): the user still sees which server a URL names.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_
 
 import orjson
 
+from gateway import masking
 from gateway.errors import ConfigError, raise_config_errors
 
 T = TypeVar("T")
@@ -41,6 +44,16 @@ _NUMBER_WITH_UNIT = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$")
 def secret(default: Any = None) -> Any:
     """A dataclass field whose value is masked when config is shown."""
     return dataclasses.field(default=default, metadata={"secret": True})
+
+
+def secret_url(default: Any = None) -> Any:
+    """A URL field: shown with its password (and secret query parameters) masked."""
+    return dataclasses.field(default=default, metadata={"secret": masking.URL})
+
+
+def secret_connection_string(default: Any = None) -> Any:
+    """A ``Name=value;...`` connection string: shown with its keys masked."""
+    return dataclasses.field(default=default, metadata={"secret": masking.CONNECTION_STRING})
 
 
 def parse_dataclass(cls: type[T], data: object, key: str, source: str) -> T:
@@ -213,8 +226,9 @@ def to_plain(obj: Any, mask: bool = True) -> Any:
         out: dict[str, Any] = {}
         for f in dataclasses.fields(obj):
             value = getattr(obj, f.name)
-            if mask and f.metadata.get("secret") and value not in (None, ""):
-                out[f.name] = "***"
+            kind = f.metadata.get("secret")
+            if mask and kind and value not in (None, ""):
+                out[f.name] = masking.mask_value(value, kind)
             else:
                 out[f.name] = to_plain(value, mask)
         return out

@@ -29,7 +29,8 @@ an unknown key is an error naming it, a parameter without a default is required,
 parameters annotated str/int/float/bool/Literal/Optional/list/dict are converted from YAML
 or environment strings. Name every option as a parameter (``**kwargs`` is refused).
 Parameter names containing password, secret, token, key or credential are masked in
-``openhqm-gateway config check``.
+``openhqm-gateway config check``; a ``connection_string`` or ``*url`` shows its address with
+only the password or key masked.
 
 The rules every method follows are in gateway/queue/interface.py; the contract suite
 (tests/contract/) checks them against your class. In short:

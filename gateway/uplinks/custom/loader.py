@@ -28,6 +28,7 @@ import typing
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any, Literal, Union, get_args, get_origin
 
+from gateway import masking
 from gateway.errors import ConfigError
 from gateway.queue.interface import MessageQueueInterface
 from gateway.settings import parse_dataclass
@@ -36,7 +37,6 @@ ENTRY_POINT_GROUP = "openhqm_gateway.queues"
 
 _SCALARS: tuple[Any, ...] = (str, int, float, bool, type(None))
 _SIMPLE_DEFAULTS = (str, int, float, bool, type(None))
-_SECRET_WORDS = ("password", "secret", "token", "connection_string", "credential", "key")
 
 
 def plugin_entry_points() -> dict[str, EntryPoint]:
@@ -155,7 +155,8 @@ def options_class(cls: type[MessageQueueInterface], key: str, source: str) -> ty
 
     Parsed with gateway.settings.parse_dataclass, it rejects unknown keys (naming
     ``<key>.<name>``), converts environment strings, and masks values whose name looks secret
-    (password, token, key, ...) when the effective config is printed."""
+    (password, token, key, ...; URLs and connection strings keep their address) when the
+    effective config is printed."""
     options = _options(cls)
 
     def check_required(self: Any) -> None:
@@ -166,18 +167,13 @@ def options_class(cls: type[MessageQueueInterface], key: str, source: str) -> ty
 
     fields = [(o.name, o.annotation | None if o.annotation is not Any else Any,
                dataclasses.field(default=o.default,
-                                 metadata={"secret": _looks_secret(o.name)}))
+                                 metadata={"secret": masking.kind_for_name(o.name)}))
               for o in options]
     made: type[Any] = dataclasses.make_dataclass(
         f"{cls.__name__}Options", fields, namespace={"__post_init__": check_required,
                                                     "queue_class": cls},
         frozen=True)
     return made
-
-
-def _looks_secret(name: str) -> bool:
-    lowered = name.lower()
-    return any(word in lowered for word in _SECRET_WORDS)
 
 
 def parse_options(cls: type[MessageQueueInterface], raw: object, key: str, source: str) -> Any:
