@@ -162,7 +162,7 @@ def status_report(config: Config) -> dict[str, Any]:
             st = db.stats(name, now)
             messages += st.depth
             uplinks[name] = {
-                "type": config.queue.type if name == UPLINK_QUEUE else "sqlite",
+                "type": _uplink_label(config) if name == UPLINK_QUEUE else "sqlite",
                 "depth": st.depth, "in_flight": st.in_flight,
                 "oldest_age_seconds": None if st.oldest_age_seconds is None
                 else round(st.oldest_age_seconds, 3),
@@ -175,6 +175,14 @@ def status_report(config: Config) -> dict[str, Any]:
                 "uplinks": uplinks}
     finally:
         db.close()
+
+
+def _uplink_label(config: Config) -> str:
+    """The uplink as logs and metrics name it: ``type: custom`` by its class."""
+    custom_class = getattr(config.queue.settings, "custom_class", "")
+    if config.queue.type == "custom" and custom_class:
+        return f"custom ({custom_class})"
+    return config.queue.type
 
 
 def _status(config: Config, as_json: bool) -> int:

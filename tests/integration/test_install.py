@@ -58,17 +58,20 @@ def test_an_editable_install_from_the_checkout_prints_no_warning(tmp_path: Path)
     assert "warning" not in output.lower(), output
     assert "deprecat" not in output.lower(), output
     assert _origin(python, "gateway") == str(REPO / "gateway" / "__init__.py")
+    assert _origin(python, "openhqm") == str(REPO / "openhqm" / "__init__.py")
 
 
-def test_a_wheel_install_prints_no_warning(tmp_path: Path) -> None:
+def test_a_wheel_install_prints_no_warning_and_carries_the_compat_package(tmp_path: Path) -> None:
     source = tmp_path / "src"  # a copy, as packaging/build-deb.sh builds from one
     source.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / name, source / name)
-    for name in ("gateway",):
+    for name in ("gateway", "openhqm"):
         shutil.copytree(REPO / name, source / name,
                         ignore=shutil.ignore_patterns("__pycache__"))
     python = _fresh_venv(tmp_path / "venv")
     output = _pip_install(python, str(source))
     assert "warning" not in output.lower(), output
     assert "site-packages/gateway/" in _origin(python, "gateway")
+    # the seed's import path for custom handlers travels with the package
+    assert "site-packages/openhqm/queue/" in _origin(python, "openhqm.queue")

@@ -11,7 +11,12 @@ Two routes lead here:
   flat keys of the ``queue:`` section (``OPENHQM_QUEUE__<KEY>`` works for them too).
 
 Either way the class is checked before it is used: a subclass of MessageQueueInterface with
-no abstract method left, whose constructor names its options (no ``**kwargs``). The options
+no abstract method left, whose constructor names its options (no ``**kwargs``), and whose
+methods the gateway can call the way it calls them: ``async def connect(self)``,
+``async def disconnect(self)``, and ``async def publish(self, queue_name, message, ...,
+attributes=...)`` (``message_id=`` is passed only when ``publish`` takes it) or an own
+``async def publish_batch(self, queue_name, messages)``. Each of these is a ConfigError with
+the reason, so ``config check`` reports it and not the first message. The options
 are checked against that constructor by the gateway's own settings parser: an unknown key is
 a ConfigError naming it, a missing required one too, and annotated scalar types (str, int,
 float, bool, Literal, Optional, list, dict) are converted as for every built-in key. Nothing
@@ -102,7 +107,39 @@ def check_queue_class(loaded: object, key: str, value: str, source: str) -> type
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
         raise ConfigError(key, value, f"{loaded.__qualname__}.__init__ takes **kwargs; name every "
                           "option as a parameter so the gateway can check the keys", source)
+    problem = call_problem(loaded)
+    if problem:
+        raise ConfigError(key, value, f"the gateway cannot call {loaded.__qualname__}: {problem}",
+                          source)
     return loaded
+
+
+#: method -> (placeholder arguments of the gateway's call, how the call reads)
+_CALLS: dict[str, tuple[tuple[Any, ...], dict[str, Any], str]] = {
+    "connect": ((), {}, "await uplink.connect()"),
+    "disconnect": ((), {}, "await uplink.disconnect()"),
+    "publish": (("queue", b""), {"attributes": {}},
+                "await uplink.publish(queue_name, message, attributes=...)"),
+    "publish_batch": (("queue", []), {}, "await uplink.publish_batch(queue_name, messages)"),
+}
+
+
+def call_problem(cls: type[MessageQueueInterface]) -> str:
+    """Why the forwarder's calls would fail on ``cls`` (a TypeError at run time), or ''."""
+    used = ["connect", "disconnect"]
+    # the inherited publish_batch calls publish; an own publish_batch is called directly
+    used.append("publish" if cls.publish_batch is MessageQueueInterface.publish_batch
+                else "publish_batch")
+    for name in used:
+        method = getattr(cls, name)
+        args, kwargs, call = _CALLS[name]
+        if not inspect.iscoroutinefunction(method):
+            return f"{name} must be 'async def' (the gateway runs {call})"
+        try:
+            inspect.signature(method).bind(None, *args, **kwargs)
+        except TypeError as exc:
+            return f"{call} would fail: {exc}; its signature is {name}{inspect.signature(method)}"
+    return ""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
