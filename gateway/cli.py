@@ -133,9 +133,27 @@ def _run(config: Config) -> int:
     from gateway.observability.logs import setup_logging
     from gateway.service import run_gateway
 
+    _check_state_dir(config)
     setup_logging(config.logging)
     asyncio.run(run_gateway(config))
     return 0
+
+
+def _check_state_dir(config: Config) -> None:
+    """The store's directory exists (or can be made) and is writable: said in one line, not
+    as a traceback from deep in the store (a first run as a user who cannot write
+    /var/lib/openhqm-gateway)."""
+    directory = os.path.dirname(os.path.abspath(config.store_path))
+    try:
+        os.makedirs(directory, exist_ok=True)
+        writable = os.access(directory, os.W_OK | os.X_OK)
+        reason = "not writable by this user"
+    except OSError as exc:
+        writable, reason = False, exc.strerror or str(exc)
+    if not writable:
+        raise GatewayError(f"cannot keep the store in {directory}: {reason}. Create it for this "
+                           "user, run as the service user, or set gateway.state_dir "
+                           "(OPENHQM_GATEWAY__STATE_DIR)")
 
 
 def _open_db(config: Config, readonly: bool) -> StoreDb:

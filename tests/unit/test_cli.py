@@ -101,3 +101,15 @@ def test_every_option_has_help_text(command: list[str], option: str,
     entry = options.split(f"  {option}", 1)[1].split("\n  -", 1)[0]
     words = entry.split(None, 1)  # the metavar (if any), then the help text
     assert len(" ".join(words).replace(option, "").split()) >= 3, f"{option}: {entry!r}"
+
+
+def test_run_says_in_one_line_when_the_state_dir_is_unusable(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    config = tmp_path / "gateway.yaml"
+    config.write_text(VALID.format(state=blocker / "state"))
+    code, _, err = run(["run", "-c", str(config)], capsys)
+    assert code == 1
+    assert err.startswith(f"error: cannot keep the store in {blocker / 'state'}")
+    assert "gateway.state_dir" in err and "Traceback" not in err
