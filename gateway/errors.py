@@ -127,6 +127,8 @@ class BackendNotInstalled(QueueError):
     def __init__(self, backend: str, extra: str, missing: str) -> None:
         self.extra = extra
         super().__init__(
-            f"needs the '{missing}' package: pip install 'openhqm-gateway[{extra}]'",
+            f"needs the '{missing}' package: install the gateway with the extra [{extra}] (from "
+            f"its checkout: pip install '.[{extra}]'; the Debian package: packaging/install.sh "
+            f"--extras {extra})",
             backend=backend,
         )

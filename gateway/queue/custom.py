@@ -63,7 +63,7 @@ BACKEND = "my_custom_queue"
 
 
 class CustomQueueTemplate(MessageQueueInterface):
-    #: shown in errors, logs and metrics
+    #: shown in errors, logs and metrics (without it: the class name)
     backend_name = BACKEND
 
     def __init__(self, connection_string: str, option1: str = "default") -> None:
@@ -72,6 +72,12 @@ class CustomQueueTemplate(MessageQueueInterface):
         ConfigError); open nothing yet."""
         self.connection_string = connection_string
         self.option1 = option1
+
+    @property
+    def target(self) -> str:
+        """Where this uplink connects, for the log lines that say it could not: host:port,
+        or a URL without its password (gateway.masking.mask_url)."""
+        return self.connection_string
 
     async def connect(self) -> None:
         """Open the connection and make one real round trip, so a wrong address or
