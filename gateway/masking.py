@@ -50,9 +50,15 @@ def mask_value(value: Any, kind: Any) -> Any:
     if kind == CONNECTION_STRING and isinstance(value, str):
         return mask_connection_string(value)
     if kind == ADDRESS and isinstance(value, str):
-        return mask_url(value) if "://" in value and ";" not in value else (
-            mask_connection_string(value))
+        return mask_address(value)
     return MASK
+
+
+def mask_address(text: str) -> str:
+    """A URL or a ``Name=value;...`` connection string, whichever ``text`` is, masked."""
+    if "://" in text and ";" not in text:
+        return mask_url(text)
+    return mask_connection_string(text)
 
 
 def kind_for_name(name: str) -> Any:

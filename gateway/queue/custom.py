@@ -56,6 +56,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from gateway.errors import NotSupportedError
+from gateway.masking import mask_address
 from gateway.message import Body, QueueMessage
 from gateway.queue.interface import Handler, MessageQueueInterface, PublishResult
 
@@ -76,8 +77,8 @@ class CustomQueueTemplate(MessageQueueInterface):
     @property
     def target(self) -> str:
         """Where this uplink connects, for the log lines that say it could not: host:port,
-        or a URL without its password (gateway.masking.mask_url)."""
-        return self.connection_string
+        or a URL / connection string with its secrets masked."""
+        return mask_address(self.connection_string)
 
     async def connect(self) -> None:
         """Open the connection and make one real round trip, so a wrong address or
