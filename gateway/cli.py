@@ -1,6 +1,10 @@
 """``openhqm-gateway``: a thin command line over the package.
 
-Exit codes: 0 success, 1 runtime failure, 2 invalid configuration or usage.
+Exit codes: 0 success, 1 runtime failure, 2 invalid configuration (a missing config file
+included), 64 usage error (an unknown command or option; sysexits' EX_USAGE).
+
+``-c/--config`` is accepted before or after the command (``openhqm-gateway -c FILE run`` and
+``openhqm-gateway run -c FILE`` mean the same).
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import orjson
 import yaml
@@ -22,41 +26,65 @@ from gateway.errors import ConfigError, GatewayError
 from gateway.store.db import Limits, StoreDb
 from gateway.store.records import DeadLetter
 
+EXIT_CONFIG = 2
+EXIT_USAGE = 64
+_CONFIG_HELP = (f"config file (default: ${ENV_CONFIG_PATH}, else {DEFAULT_CONFIG_PATH}; "
+                "'none' = defaults and OPENHQM_ variables only)")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with EX_USAGE for usage errors: exit 2 stays "invalid configuration"."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def _config_option() -> _Parser:
+    """``-c`` for every subcommand. SUPPRESS: a subcommand without it keeps the value given
+    before the command instead of resetting it."""
+    common = _Parser(add_help=False)
+    common.add_argument("-c", "--config", default=argparse.SUPPRESS, help=_CONFIG_HELP)
+    return common
+
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="openhqm-gateway",
-                                description="MQTT -> durable local store -> cloud uplink")
+    p = _Parser(prog="openhqm-gateway", description="MQTT -> durable local store -> cloud uplink")
     p.add_argument("--version", action="version", version=f"openhqm-gateway {__version__}")
-    p.add_argument("-c", "--config", help=f"config file (default: ${ENV_CONFIG_PATH} or "
-                                          f"{DEFAULT_CONFIG_PATH}; 'none' = defaults only)")
+    p.add_argument("-c", "--config", help=_CONFIG_HELP)
+    common = [_config_option()]
     sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("run", help="run the gateway in the foreground")
-    cfg = sub.add_parser("config", help="configuration tools")
+    sub.add_parser("run", parents=common, help="run the gateway in the foreground")
+    cfg = sub.add_parser("config", parents=common, help="configuration tools")
     cfg_sub = cfg.add_subparsers(dest="config_command", required=True)
-    cfg_sub.add_parser("check", help="validate and print the effective config (secrets masked)")
-    status = sub.add_parser("status", help="buffer and delivery status, read from the store")
+    cfg_sub.add_parser("check", parents=common,
+                       help="validate and print the effective config (secrets masked)")
+    status = sub.add_parser("status", parents=common,
+                            help="buffer and delivery status, read from the store")
     status.add_argument("--json", action="store_true", help="one JSON object")
-    dlq = sub.add_parser("dlq", help="the dead-letter table")
+    dlq = sub.add_parser("dlq", parents=common, help="the dead-letter table")
     dlq_sub = dlq.add_subparsers(dest="dlq_command", required=True)
-    lst = dlq_sub.add_parser("list", help="show dead letters, oldest first")
-    lst.add_argument("--limit", type=int, default=50)
+    lst = dlq_sub.add_parser("list", parents=common, help="show dead letters, oldest first")
+    lst.add_argument("--limit", type=int, default=50, metavar="N",
+                     help="show at most N dead letters (default: 50)")
     lst.add_argument("--json", action="store_true", help="one JSON object per line")
     for name, what in (("replay", "move dead letters back into the queue"),
                        ("purge", "delete dead letters for good")):
-        cmd = dlq_sub.add_parser(name, help=what)
+        cmd = dlq_sub.add_parser(name, parents=common, help=what)
         which = cmd.add_mutually_exclusive_group(required=True)
-        which.add_argument("--id", action="append", dest="ids", metavar="MESSAGE_ID")
-        which.add_argument("--all", action="store_true")
+        which.add_argument("--id", action="append", dest="ids", metavar="MESSAGE_ID",
+                           help=f"{name} the dead letter with this id (from 'dlq list'); "
+                                "repeat for several")
+        which.add_argument("--all", action="store_true", help=f"{name} every dead letter")
     return p
 
 
 def _config_path(arg: str | None) -> str | None:
+    """The file to read; None for ``none``. A missing file, the default one included, is an
+    error naming the path (load_config raises it): defaults alone are asked for with
+    ``-c none``, never fallen back to silently."""
     path = arg or os.environ.get(ENV_CONFIG_PATH) or DEFAULT_CONFIG_PATH
-    if path == "none":
-        return None
-    if arg is None and path == DEFAULT_CONFIG_PATH and not os.path.exists(path):
-        return None  # no file installed yet: defaults and environment
-    return path
+    return None if path == "none" else path
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -65,12 +93,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = load_config(_config_path(args.config))
     except ConfigError as exc:
         print(f"invalid configuration: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
     try:
         return _dispatch(args, config)
     except ConfigError as exc:
         print(f"invalid configuration: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
     except GatewayError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -105,9 +133,27 @@ def _run(config: Config) -> int:
     from gateway.observability.logs import setup_logging
     from gateway.service import run_gateway
 
+    _check_state_dir(config)
     setup_logging(config.logging)
     asyncio.run(run_gateway(config))
     return 0
+
+
+def _check_state_dir(config: Config) -> None:
+    """The store's directory exists (or can be made) and is writable: said in one line, not
+    as a traceback from deep in the store (a first run as a user who cannot write
+    /var/lib/openhqm-gateway)."""
+    directory = os.path.dirname(os.path.abspath(config.store_path))
+    try:
+        os.makedirs(directory, exist_ok=True)
+        writable = os.access(directory, os.W_OK | os.X_OK)
+        reason = "not writable by this user"
+    except OSError as exc:
+        writable, reason = False, exc.strerror or str(exc)
+    if not writable:
+        raise GatewayError(f"cannot keep the store in {directory}: {reason}. Create it for this "
+                           "user, run as the service user, or set gateway.state_dir "
+                           "(OPENHQM_GATEWAY__STATE_DIR)")
 
 
 def _open_db(config: Config, readonly: bool) -> StoreDb:
@@ -137,7 +183,7 @@ def status_report(config: Config) -> dict[str, Any]:
             st = db.stats(name, now)
             messages += st.depth
             uplinks[name] = {
-                "type": config.queue.type if name == UPLINK_QUEUE else "sqlite",
+                "type": _uplink_label(config) if name == UPLINK_QUEUE else "sqlite",
                 "depth": st.depth, "in_flight": st.in_flight,
                 "oldest_age_seconds": None if st.oldest_age_seconds is None
                 else round(st.oldest_age_seconds, 3),
@@ -150,6 +196,14 @@ def status_report(config: Config) -> dict[str, Any]:
                 "uplinks": uplinks}
     finally:
         db.close()
+
+
+def _uplink_label(config: Config) -> str:
+    """The uplink as logs and metrics name it: ``type: custom`` by its class."""
+    custom_class = getattr(config.queue.settings, "custom_class", "")
+    if config.queue.type == "custom" and custom_class:
+        return f"custom ({custom_class})"
+    return config.queue.type
 
 
 def _status(config: Config, as_json: bool) -> int:

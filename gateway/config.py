@@ -30,7 +30,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 
-from gateway.errors import ConfigError
+from gateway.errors import ConfigError, raise_config_errors
 from gateway.queue.registry import settings_class
 from gateway.settings import DURATION, SIZE, parse_dataclass, parse_value, secret, to_plain
 
@@ -211,6 +211,10 @@ def _read_yaml(path: str, env: Mapping[str, str]) -> dict[str, Any]:
     try:
         with open(path, encoding="utf-8") as fh:
             text = fh.read()
+    except FileNotFoundError:
+        raise ConfigError("--config", path, "no such file: copy the commented sample "
+                          "config/gateway.yaml there, or name another with -c FILE "
+                          "(-c none: defaults and OPENHQM_ variables only)") from None
     except OSError as exc:
         raise ConfigError("--config", path, f"cannot read the file: {exc.strerror}") from None
     try:
@@ -291,14 +295,25 @@ def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> None:
 
 
 def parse_config(raw: Mapping[str, Any], source: str) -> Config:
+    """Parse every section and check every rule; all problems are reported together."""
+    errors: list[ConfigError] = []
     for key in raw:
         if key not in _TOP_LEVEL:
-            raise ConfigError(str(key), raw[key],
-                              f"unknown section; known sections: {', '.join(sorted(_TOP_LEVEL))}",
-                              source)
-    sections = {k: v for k, v in raw.items() if k != "queue"}
-    cfg = parse_dataclass(Config, {**sections, "source": source}, "", source)
-    queue = _parse_queue(raw.get("queue") or {}, source)
+            errors.append(ConfigError(str(key), raw[key], "unknown section; known sections: "
+                                      f"{', '.join(sorted(_TOP_LEVEL))}", source))
+    sections = {k: v for k, v in raw.items() if k != "queue" and k in _TOP_LEVEL}
+    cfg = queue = None
+    try:
+        cfg = parse_dataclass(Config, {**sections, "source": source}, "", source)
+    except ConfigError as exc:
+        errors.extend(exc.all)
+    try:
+        queue = _parse_queue(raw.get("queue") or {}, source)
+    except ConfigError as exc:
+        errors.extend(exc.all)
+    if cfg is None or queue is None or errors:
+        raise_config_errors(errors)
+    assert cfg is not None and queue is not None  # raise_config_errors raised otherwise
     cfg = dataclasses.replace(cfg, queue=queue)
     validate(cfg)
     return cfg
@@ -311,62 +326,80 @@ def _parse_queue(raw: Any, source: str) -> QueueConfig:
     settings_cls = settings_class(type_name, source)
     common = {k: v for k, v in raw.items() if k in _QUEUE_COMMON and k != "type"}
     own = {k: v for k, v in raw.items() if k not in _QUEUE_COMMON}
-    base = parse_dataclass(QueueConfig, common, "queue", source)
-    settings = parse_dataclass(settings_cls, own, "queue", source)
+    errors: list[ConfigError] = []
+    base = settings = None
+    try:
+        base = parse_dataclass(QueueConfig, common, "queue", source)
+    except ConfigError as exc:
+        errors.extend(exc.all)
+    try:
+        settings = parse_dataclass(settings_cls, own, "queue", source)
+    except ConfigError as exc:
+        errors.extend(exc.all)
+    raise_config_errors(errors)
+    assert base is not None
     return QueueConfig(type_name, base.request_queue_name, base.response_queue_name,
                        base.dlq_name, settings)
 
 
 def validate(cfg: Config) -> None:
-    """Cross-field checks that types alone cannot express."""
-    src = cfg.source
+    """Cross-field checks that types alone cannot express; every failing one is reported."""
     ing, st, fw = cfg.ingress, cfg.store, cfg.forwarder
-    _check(1 <= ing.port <= 65535, "ingress.port", ing.port, "must be 1..65535", src)
-    _check(bool(ing.subscriptions), "ingress.subscriptions", [], "needs at least one topic", src)
+    p = _Problems(cfg.source)
+    p.check(1 <= ing.port <= 65535, "ingress.port", ing.port, "must be 1..65535")
+    p.check(bool(ing.subscriptions), "ingress.subscriptions", [], "needs at least one topic")
     for i, sub in enumerate(ing.subscriptions):
-        _check(_valid_filter(sub.topic), f"ingress.subscriptions[{i}].topic", sub.topic,
-               "not a valid MQTT topic filter", src)
+        p.check(_valid_filter(sub.topic), f"ingress.subscriptions[{i}].topic", sub.topic,
+                "not a valid MQTT topic filter")
     for i, route in enumerate(fw.routes):
-        _check(_valid_filter(route.topic), f"forwarder.routes[{i}].topic", route.topic,
-               "not a valid MQTT topic filter", src)
-        _check(bool(route.destination), f"forwarder.routes[{i}].destination", "",
-               "must not be empty", src)
-    _check(1 <= ing.receive_maximum <= 65535, "ingress.receive_maximum", ing.receive_maximum,
-           "must be 1..65535", src)
-    _check(ing.max_message_bytes > 0, "ingress.max_message_bytes", ing.max_message_bytes,
-           "must be positive", src)
-    _check(st.commit_interval_ms >= 0, "store.commit_interval_ms", st.commit_interval_ms,
-           "must not be negative", src)
-    _check(st.commit_batch_size >= 1, "store.commit_batch_size", st.commit_batch_size,
-           "must be at least 1", src)
-    _check(st.max_messages >= 1, "store.max_messages", st.max_messages, "must be at least 1", src)
-    _check(st.max_bytes >= 1024, "store.max_bytes", st.max_bytes, "must be at least 1KB", src)
-    _check(st.max_attempts >= 1, "store.max_attempts", st.max_attempts, "must be at least 1", src)
-    _check(st.lease > 0, "store.lease", st.lease, "must be positive", src)
-    _check(4096 <= st.segment_bytes <= 64 * 1024**2, "store.segment_bytes", st.segment_bytes,
-           "must be between 4KB and 64MB", src)
-    _check(st.cursor_sync_interval > 0, "store.cursor_sync_interval", st.cursor_sync_interval,
-           "must be positive", src)
-    _check(st.cursor_sync_messages >= 1, "store.cursor_sync_messages", st.cursor_sync_messages,
-           "must be at least 1", src)
-    _check(fw.batch_size >= 1, "forwarder.batch_size", fw.batch_size, "must be at least 1", src)
-    _check(fw.max_batch_bytes >= 1, "forwarder.max_batch_bytes", fw.max_batch_bytes,
-           "must be at least 1 byte", src)
-    _check(fw.max_rate >= 0, "forwarder.max_rate", fw.max_rate, "must not be negative", src)
-    _check(fw.retry_max_delay >= fw.retry_min_delay, "forwarder.retry_max_delay",
-           fw.retry_max_delay, "must be at least forwarder.retry_min_delay", src)
-    _check(fw.publish_timeout > 0, "forwarder.publish_timeout", fw.publish_timeout,
-           "must be positive", src)
+        p.check(_valid_filter(route.topic), f"forwarder.routes[{i}].topic", route.topic,
+                "not a valid MQTT topic filter")
+        p.check(bool(route.destination), f"forwarder.routes[{i}].destination", "",
+                "must not be empty")
+    p.check(1 <= ing.receive_maximum <= 65535, "ingress.receive_maximum", ing.receive_maximum,
+            "must be 1..65535")
+    p.check(ing.max_message_bytes > 0, "ingress.max_message_bytes", ing.max_message_bytes,
+            "must be positive")
+    p.check(st.commit_interval_ms >= 0, "store.commit_interval_ms", st.commit_interval_ms,
+            "must not be negative")
+    p.check(st.commit_batch_size >= 1, "store.commit_batch_size", st.commit_batch_size,
+            "must be at least 1")
+    p.check(st.max_messages >= 1, "store.max_messages", st.max_messages, "must be at least 1")
+    p.check(st.max_bytes >= 1024, "store.max_bytes", st.max_bytes, "must be at least 1KB")
+    p.check(st.max_attempts >= 1, "store.max_attempts", st.max_attempts, "must be at least 1")
+    p.check(st.lease > 0, "store.lease", st.lease, "must be positive")
+    p.check(4096 <= st.segment_bytes <= 64 * 1024**2, "store.segment_bytes", st.segment_bytes,
+            "must be between 4KB and 64MB")
+    p.check(st.cursor_sync_interval > 0, "store.cursor_sync_interval", st.cursor_sync_interval,
+            "must be positive")
+    p.check(st.cursor_sync_messages >= 1, "store.cursor_sync_messages", st.cursor_sync_messages,
+            "must be at least 1")
+    p.check(fw.batch_size >= 1, "forwarder.batch_size", fw.batch_size, "must be at least 1")
+    p.check(fw.max_batch_bytes >= 1, "forwarder.max_batch_bytes", fw.max_batch_bytes,
+            "must be at least 1 byte")
+    p.check(fw.max_rate >= 0, "forwarder.max_rate", fw.max_rate, "must not be negative")
+    p.check(fw.retry_max_delay >= fw.retry_min_delay, "forwarder.retry_max_delay",
+            fw.retry_max_delay, "must be at least forwarder.retry_min_delay")
+    p.check(fw.publish_timeout > 0, "forwarder.publish_timeout", fw.publish_timeout,
+            "must be positive")
     listen = cfg.observability.listen
     if listen:
         host, _, port = listen.rpartition(":")
-        _check(bool(host) and port.isdigit() and 0 <= int(port) <= 65535,
-               "observability.listen", listen, "expected host:port, e.g. 127.0.0.1:9108", src)
+        p.check(bool(host) and port.isdigit() and 0 <= int(port) <= 65535,
+                "observability.listen", listen, "expected host:port, e.g. 127.0.0.1:9108")
+    raise_config_errors(p.found)
 
 
-def _check(ok: bool, key: str, value: object, reason: str, source: str) -> None:
-    if not ok:
-        raise ConfigError(key, value, reason, source)
+class _Problems:
+    """Failed checks, collected so that all of them are reported at once."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.found: list[ConfigError] = []
+
+    def check(self, ok: bool, key: str, value: object, reason: str) -> None:
+        if not ok:
+            self.found.append(ConfigError(key, value, reason, self.source))
 
 
 def _valid_filter(topic: str) -> bool:

@@ -2,6 +2,7 @@
 
     GatewayError
     ├── ConfigError            bad configuration; names the key, the value and the source
+    │   └── ConfigErrors       several at once (a file with two mistakes reports both)
     ├── StoreError             the local SQLite store failed (I/O, corruption)
     └── QueueError             a queue backend (uplink or the store as a backend) failed
         ├── RetryableError     the same call may succeed later
@@ -37,6 +38,35 @@ class ConfigError(GatewayError):
         where = f" in {source}" if source else ""
         shown = "<hidden>" if _looks_secret(key) else repr(value)
         super().__init__(f"{key}={shown}{where}: {reason}")
+
+    @property
+    def all(self) -> list[ConfigError]:
+        """Every error this one stands for (itself, for a single error)."""
+        return [self]
+
+
+class ConfigErrors(ConfigError):
+    """Several configuration errors found in one pass. ``key``, ``value``, ``reason`` and
+    ``source`` are the first one's; ``all`` lists each."""
+
+    def __init__(self, errors: list[ConfigError]) -> None:
+        first = errors[0]
+        super().__init__(first.key, first.value, first.reason, first.source)
+        self.errors = errors
+        lines = "\n".join(f"  {Exception.__str__(e)}" for e in errors)
+        self.args = (f"{len(errors)} problems:\n{lines}",)
+
+    @property
+    def all(self) -> list[ConfigError]:
+        return list(self.errors)
+
+
+def raise_config_errors(errors: list[ConfigError]) -> None:
+    """Raise what was collected: nothing, the one error, or all of them together."""
+    if len(errors) == 1:
+        raise errors[0]
+    if errors:
+        raise ConfigErrors(errors)
 
 
 def _looks_secret(key: str) -> bool:
@@ -97,6 +127,8 @@ class BackendNotInstalled(QueueError):
     def __init__(self, backend: str, extra: str, missing: str) -> None:
         self.extra = extra
         super().__init__(
-            f"needs the '{missing}' package: pip install 'openhqm-gateway[{extra}]'",
+            f"needs the '{missing}' package: install the gateway with the extra [{extra}] (from "
+            f"its checkout: pip install '.[{extra}]'; the Debian package: packaging/install.sh "
+            f"--extras {extra})",
             backend=backend,
         )

@@ -17,6 +17,11 @@ Promises:
   retry, so cloud consumers can deduplicate.
 - No polling: when nothing is ready the forwarder sleeps until the store says something was
   committed, released, or falls due.
+- Stopping honours the promise in any uplink state: a connect or publish still running
+  ``STOP_GRACE`` seconds after ``stop()`` is cancelled and its batch released to the store,
+  so a dead server never holds the daemon up for its client's timeouts.
+- What the operator reads about the uplink (one line per change of state, defects of the
+  uplink's code told apart from outages) is gateway/linkstate.py.
 """
 
 from __future__ import annotations
@@ -25,11 +30,14 @@ import asyncio
 import logging
 import random
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
-from gateway.aio import wait_event
+from gateway.aio import Interrupted, unless_set, wait_event
 from gateway.config import Config
-from gateway.errors import QueueError, RetryableError, StoreError, UplinkUnavailable
+from gateway.errors import ConfigError, QueueError, RetryableError, StoreError, UplinkUnavailable
+from gateway.linkstate import CONNECT_NOTICE, UplinkState, is_programming_error
 from gateway.message import QueueMessage
 from gateway.queue.interface import MessageQueueInterface, PublishResult
 from gateway.store.records import Settlement, StoredMessage, queue_messages
@@ -37,11 +45,14 @@ from gateway.store.store import Store
 from gateway.topics import topic_matches
 
 log = logging.getLogger("gateway.forwarder")
+T = TypeVar("T")
 
 #: the store queue the ingress fills and the forwarder drains
 UPLINK_QUEUE = "default"
 #: the longest the forwarder sleeps without a wake-up from this process's store
 EXTERNAL_WRITE_WAKEUP = 5.0
+#: after stop(), how long a connect or publish in flight may still finish
+STOP_GRACE = 1.0
 
 
 def full_jitter(attempt: int, base: float, cap: float) -> float:
@@ -55,10 +66,12 @@ class ForwarderStats:
     retried: int = 0
     dead_lettered: int = 0
     batches: int = 0
-    #: "connecting", "online", "backing_off", "stopped"
+    #: "connecting", "online", "backing_off", "defective", "stopped"
     state: str = "connecting"
     last_ack_at: float | None = None
     last_error: str = ""
+    #: the programming error the uplink's code raised ("TypeError: ..."), '' when none
+    defect: str = ""
     errors_by_kind: dict[str, int] = field(default_factory=dict)
 
 
@@ -71,6 +84,7 @@ class Forwarder:
         self.default_destination = config.queue.request_queue_name
         self.queue = queue
         self.stats = ForwarderStats()
+        self.link = UplinkState(uplink.backend_name, uplink.target, self.stats)
         self._stopping = asyncio.Event()
         self._failures = 0  # consecutive whole-batch failures, for the backoff
         self._connected = False
@@ -94,6 +108,8 @@ class Forwarder:
                 try:
                     sent = await self.drain_once()
                 except UplinkUnavailable as exc:
+                    if self._stopping.is_set():
+                        break  # the batch was released; nothing to report
                     self._note_unavailable(exc)
                     self._probe = True
                     await self._backoff()
@@ -110,23 +126,38 @@ class Forwarder:
             self.stats.state = "stopped"
 
     async def _connect(self) -> bool:
-        self.stats.state = "connecting"
+        self.link.connecting()
         if self._ever_connected:  # start the adapter afresh after it misbehaved
             try:
-                await asyncio.wait_for(self.uplink.disconnect(), self.cfg.publish_timeout)
-            except (QueueError, TimeoutError) as exc:
+                await self._unless_stopping(self.uplink.disconnect())
+            except (QueueError, TimeoutError, Interrupted) as exc:
                 log.debug("disconnect before reconnect failed: %s", exc)
+        notice = asyncio.get_running_loop().call_later(CONNECT_NOTICE, self.link.slow_connect,
+                                                       CONNECT_NOTICE)
         try:
-            await asyncio.wait_for(self.uplink.connect(), self.cfg.publish_timeout)
+            await self._unless_stopping(self.uplink.connect())
+        except Interrupted:
+            return False
         except (QueueError, TimeoutError) as exc:
             self._note_unavailable(exc)
             return False
+        except ConfigError:
+            raise  # the client refused its settings (a TLS file...): the daemon exits 2
+        except Exception as exc:  # the adapter's own bug: reported, never fatal
+            self._note_unavailable(_Defect.of(exc, self.uplink.backend_name))
+            return False
+        finally:
+            notice.cancel()
         self._connected = self._ever_connected = True
         self._failures = 0
-        self.stats.state = "online"
-        log.info("uplink %s connected", self.uplink.backend_name,
-                 extra={"uplink": self.uplink.backend_name})
+        self.link.connected()
         return True
+
+    async def _unless_stopping(self, aw: Awaitable[T]) -> T:
+        """``aw`` bounded by forwarder.publish_timeout, and abandoned STOP_GRACE seconds
+        after stop() (Interrupted)."""
+        return await unless_set(asyncio.wait_for(aw, self.cfg.publish_timeout), self._stopping,
+                                STOP_GRACE)
 
     async def _store_trouble(self, exc: StoreError) -> None:
         log.error("store error while forwarding (%s); retrying with backoff", exc,
@@ -140,12 +171,13 @@ class Forwarder:
         await self._backoff()
 
     def _note_unavailable(self, exc: BaseException) -> None:
-        text = str(exc) or type(exc).__name__
-        if self.stats.state != "backing_off" or text != self.stats.last_error:
-            log.warning("uplink %s unavailable: %s; buffering locally",
-                        self.uplink.backend_name, text, extra={"uplink": self.uplink.backend_name})
-        self.stats.state = "backing_off"
-        self.stats.last_error = text
+        if isinstance(exc, _Defect):
+            if is_programming_error(exc.cause):
+                self.link.defect(exc.cause)
+            else:
+                self.link.untranslated(exc.cause)
+        else:
+            self.link.unavailable(exc)
         self._failures += 1
 
     async def _backoff(self) -> None:
@@ -205,7 +237,7 @@ class Forwarder:
             raise unavailable
         self._probe = False
         self._failures = 0
-        self.stats.state = "online"
+        self.link.online()
         await self._pace(len(settlement.delivered), started)
         return len(settlement.delivered)
 
@@ -260,8 +292,11 @@ class Forwarder:
 
     async def _publish(self, destination: str, messages: list[QueueMessage]) -> list[PublishResult]:
         try:
-            results = await asyncio.wait_for(
-                self.uplink.publish_batch(destination, messages), self.cfg.publish_timeout)
+            results = await self._unless_stopping(
+                self.uplink.publish_batch(destination, messages))
+        except Interrupted:  # stopping: the batch goes back to the store as it is
+            error = UplinkUnavailable("the gateway is stopping", backend=self.uplink.backend_name)
+            return [PublishResult(m.id, error) for m in messages]
         except TimeoutError:
             error = UplinkUnavailable(f"publish_batch took longer than "
                                       f"forwarder.publish_timeout ({self.cfg.publish_timeout}s)",
@@ -272,9 +307,7 @@ class Forwarder:
                 str(exc), backend=self.uplink.backend_name)
             return [PublishResult(m.id, error) for m in messages]
         except Exception as exc:  # an adapter bug must not lose or wedge the batch
-            log.exception("uplink %s raised an untranslated error", self.uplink.backend_name)
-            error = _Disconnected(f"unexpected {type(exc).__name__}: {exc}",
-                                  backend=self.uplink.backend_name)
+            error = _Defect.of(exc, self.uplink.backend_name)  # reported by the run loop
             return [PublishResult(m.id, error) for m in messages]
         if len(results) != len(messages):
             error = _Disconnected(f"publish_batch returned {len(results)} results for "
@@ -340,3 +373,17 @@ _EMPTY = _Batch([], [])
 
 class _Disconnected(UplinkUnavailable):
     """The uplink misbehaved; reconnect it before the next batch."""
+
+
+class _Defect(_Disconnected):
+    """The uplink's code raised something outside gateway/errors.py: a programming error
+    (a defect, gateway/linkstate.py) or an exception it should have translated. The batch
+    is released like an outage's; ``cause`` is what was raised, with its traceback."""
+
+    cause: BaseException
+
+    @classmethod
+    def of(cls, exc: BaseException, backend: str) -> _Defect:
+        error = cls(f"{type(exc).__name__}: {exc}", backend=backend)
+        error.cause = exc
+        return error

@@ -6,16 +6,18 @@ subscribed), ``http`` (metrics, health, status page), ``watchdog`` (systemd ping
 WatchdogSec= is set).
 
 Shutdown promise: on SIGTERM/SIGINT the ingress stops reading, commits and acknowledges what
-it already received, and disconnects; the forwarder finishes its batch in flight; the store
-commits and closes. That completes within ``STOP_TIMEOUT`` seconds, after which remaining
-tasks are cancelled (nothing acknowledged is lost either way: unsettled leases are released
-at the next start). A second signal exits at once with status 1.
+it already received, and disconnects; the forwarder finishes its batch in flight, or, when
+the uplink cannot take it within a second (a dead server, any backend), releases it to the
+store; the uplink gets ``DISCONNECT_TIMEOUT`` seconds to close; the store commits and
+closes. With any uplink state that takes about a second. ``STOP_TIMEOUT`` is the backstop
+after which remaining tasks are cancelled (nothing acknowledged is lost either way:
+unsettled leases are released at the next start). A second signal exits at once with
+status 1.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import signal
@@ -36,6 +38,8 @@ from gateway.store.store import Store
 log = logging.getLogger("gateway.service")
 
 STOP_TIMEOUT = 15.0
+#: closing the uplink at shutdown: what it still holds is in the store and is sent again
+DISCONNECT_TIMEOUT = 3.0
 
 
 class Gateway:
@@ -62,7 +66,7 @@ class Gateway:
         return Snapshot(
             taken_at=time.time(), started_at=self._started_at,
             ingress_connected=ing.connected, store_ok=store_ok,
-            uplink_type=self.config.queue.type, uplink_state=fwd.state,
+            uplink_type=self.uplink.backend_name, uplink_state=fwd.state,
             depth=stats.depth if stats else 0, in_flight=(stats.in_flight or 0) if stats else 0,
             oldest_age_seconds=stats.oldest_age_seconds if stats else None,
             dead_letter=stats.dead_letter if stats else 0,
@@ -74,7 +78,7 @@ class Gateway:
                       "ingress_duplicates": ing.duplicates, "uplinked": fwd.delivered,
                       "retried": fwd.retried, "dead_lettered": fwd.dead_lettered,
                       "batches": fwd.batches},
-            dropped=stats.dropped if stats else {})
+            dropped=stats.dropped if stats else {}, uplink_defect=fwd.defect)
 
     async def _watchdog(self, interval: float) -> None:
         """Ping systemd's watchdog from the event loop: a hung loop stops the pings and
@@ -111,8 +115,10 @@ class Gateway:
                     task.cancel()
                 await self._drain_and_stop(ingress, forwarder)
         finally:
-            with contextlib.suppress(Exception):
-                await self.uplink.disconnect()
+            try:
+                await asyncio.wait_for(self.uplink.disconnect(), DISCONNECT_TIMEOUT)
+            except Exception as exc:  # a dead server: what it holds is in the store
+                log.debug("closing the uplink: %s", exc or type(exc).__name__)
             await self.store.close()
             log.info("stopped")
 

@@ -9,7 +9,9 @@ convert cleanly.
 Markers for ``Annotated`` fields:
 - DURATION: seconds as a number, or a string with a unit: "500ms", "30s", "15m", "2h", "7d".
 - SIZE: bytes as an integer, or a string with a unit: "512KB", "64MiB", "1GB" (1 KB = 1024).
-Field metadata ``{"secret": True}`` masks the value wherever config is printed.
+Field metadata ``{"secret": True}`` masks the value wherever config is printed;
+``secret_url``/``secret_connection_string`` fields mask only the secret part of theirs
+(gateway/masking.py): the user still sees which server a URL names.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_
 
 import orjson
 
-from gateway.errors import ConfigError
+from gateway import masking
+from gateway.errors import ConfigError, raise_config_errors
 
 T = TypeVar("T")
 
@@ -43,6 +46,16 @@ def secret(default: Any = None) -> Any:
     return dataclasses.field(default=default, metadata={"secret": True})
 
 
+def secret_url(default: Any = None) -> Any:
+    """A URL field: shown with its password (and secret query parameters) masked."""
+    return dataclasses.field(default=default, metadata={"secret": masking.URL})
+
+
+def secret_connection_string(default: Any = None) -> Any:
+    """A ``Name=value;...`` connection string: shown with its keys masked."""
+    return dataclasses.field(default=default, metadata={"secret": masking.CONNECTION_STRING})
+
+
 def parse_dataclass(cls: type[T], data: object, key: str, source: str) -> T:
     if data is None:
         data = {}
@@ -51,12 +64,18 @@ def parse_dataclass(cls: type[T], data: object, key: str, source: str) -> T:
     hints = get_type_hints(cls, include_extras=True)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
     values: dict[str, Any] = {}
+    errors: list[ConfigError] = []  # every key is checked: a file with two mistakes shows both
     for name, raw in data.items():
         sub = f"{key}.{name}" if key else str(name)
         if name not in fields:
             known = ", ".join(sorted(fields))
-            raise ConfigError(sub, raw, f"unknown key; known keys here: {known}", source)
-        values[name] = parse_value(hints[name], raw, sub, source)
+            errors.append(ConfigError(sub, raw, f"unknown key; known keys here: {known}", source))
+            continue
+        try:
+            values[name] = parse_value(hints[name], raw, sub, source)
+        except ConfigError as exc:
+            errors.extend(exc.all)
+    raise_config_errors(errors)
     return cls(**values)
 
 
@@ -109,7 +128,15 @@ def _list(item: Any, value: Any, key: str, source: str) -> list[Any]:
         value = _list_from_string(value)
     if not isinstance(value, list):
         raise ConfigError(key, value, "expected a list", source)
-    return [parse_value(item, v, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    out: list[Any] = []
+    errors: list[ConfigError] = []
+    for i, v in enumerate(value):
+        try:
+            out.append(parse_value(item, v, f"{key}[{i}]", source))
+        except ConfigError as exc:
+            errors.extend(exc.all)
+    raise_config_errors(errors)
+    return out
 
 
 def _list_from_string(text: str) -> Any:
@@ -199,8 +226,9 @@ def to_plain(obj: Any, mask: bool = True) -> Any:
         out: dict[str, Any] = {}
         for f in dataclasses.fields(obj):
             value = getattr(obj, f.name)
-            if mask and f.metadata.get("secret") and value not in (None, ""):
-                out[f.name] = "***"
+            kind = f.metadata.get("secret")
+            if mask and kind and value not in (None, ""):
+                out[f.name] = masking.mask_value(value, kind)
             else:
                 out[f.name] = to_plain(value, mask)
         return out

@@ -55,7 +55,7 @@ mkdir -p "$wheels" "$work/own"
 echo "==> wheel of openhqm-gateway $version"
 # Built from a copy, so concurrent builds do not share the checkout's build/ directory.
 mkdir -p "$work/src"
-cp -r pyproject.toml README.md gateway "$work/src/"
+cp -r pyproject.toml README.md gateway openhqm "$work/src/"
 find "$work/src" -name __pycache__ -prune -exec rm -rf {} +
 if ! "$python" -m pip wheel -q --no-deps --disable-pip-version-check -w "$work/own" "$work/src" \
     >"$work/wheel.log" 2>&1; then

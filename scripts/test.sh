@@ -16,7 +16,7 @@ for script in scripts/provision/*.sh; do
 done
 
 echo "==> ruff"
-.venv/bin/ruff check gateway tests benchmarks
+.venv/bin/ruff check gateway openhqm tests benchmarks
 echo "==> mypy"
 .venv/bin/mypy
 echo "==> pytest"

@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import html
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -59,6 +60,8 @@ class Snapshot:
     #: name -> value of monotonically growing counters
     counters: dict[str, int] = field(default_factory=dict)
     dropped: dict[str, int] = field(default_factory=dict)
+    #: the programming error the uplink's code raised ("TypeError: ..."); '' when none
+    uplink_defect: str = ""
 
 
 SnapshotSource = Callable[[], Awaitable[Snapshot]]
@@ -71,6 +74,9 @@ def readiness(s: Snapshot, cfg: ObservabilityConfig) -> list[str]:
         failures.append("ingress: not connected to the broker")
     if not s.store_ok:
         failures.append("store: not answering")
+    if s.uplink_defect:
+        failures.append(f"uplink {s.uplink_type} has a defect: {s.uplink_defect} (a bug in its "
+                        "code, not an outage; messages stay buffered; see the log)")
     if s.depth > 0:
         if s.oldest_age_seconds is not None and s.oldest_age_seconds > cfg.stuck_backlog_age:
             failures.append(f"uplink stuck: oldest buffered message is {s.oldest_age_seconds:.0f}s "
@@ -102,7 +108,7 @@ def render_metrics(s: Snapshot) -> str:
                labels: str = "") -> None:
         full = f"openhqm_gateway_{name}"
         out.append(f"# HELP {full} {help_text}\n# TYPE {full} {kind}")
-        out.append(f"{full}{labels} {value}")
+        out.append(f"{full}{labels} {'NaN' if math.isnan(value) else value}")
 
     for name, value in sorted(s.counters.items()):
         metric(f"{name}_total", "counter", _HELP.get(name, name), value)
@@ -112,8 +118,11 @@ def render_metrics(s: Snapshot) -> str:
         out.append(f'{full}{{reason="{reason}"}} {n}')
     metric("backlog_messages", "gauge", "messages waiting for the uplink", s.depth)
     metric("in_flight_messages", "gauge", "messages leased to the uplink", s.in_flight)
-    metric("backlog_oldest_age_seconds", "gauge", "age of the oldest waiting message",
-           s.oldest_age_seconds or 0.0)
+    # NaN, not 0, when nothing waits (Prometheus' advice where 0 would mislead); status.json
+    # says null
+    metric("backlog_oldest_age_seconds", "gauge", "age of the oldest waiting message "
+           "(NaN when nothing waits)",
+           math.nan if s.oldest_age_seconds is None else s.oldest_age_seconds)
     metric("dead_letter_messages", "gauge", "entries in the dead-letter table", s.dead_letter)
     metric("store_bytes", "gauge", "bytes counted against store.max_bytes", s.store_bytes)
     metric("store_file_bytes", "gauge", "size of the store file and its WAL", s.store_file_bytes)
@@ -124,7 +133,7 @@ def render_metrics(s: Snapshot) -> str:
            int(s.ingress_connected))
     full = "openhqm_gateway_uplink_state"
     out.append(f"# HELP {full} 1 for the uplink's current state\n# TYPE {full} gauge")
-    for state in ("connecting", "online", "backing_off", "stopped"):
+    for state in ("connecting", "online", "backing_off", "defective", "stopped"):
         out.append(f'{full}{{type="{s.uplink_type}",state="{state}"}} {int(state == s.uplink_state)}')
     metric("uplink_last_ack_timestamp_seconds", "gauge", "when the uplink last acknowledged",
            s.last_ack_at or 0.0)
@@ -139,8 +148,9 @@ def render_metrics(s: Snapshot) -> str:
 
 RATE_STEP = 10  # seconds per rate sample (ObservabilityServer._sample_rates)
 STATE_TEXT = {"online": "online", "connecting": "connecting", "backing_off": "offline, retrying",
-              "stopped": "stopped"}
-STATE_CLASS = {"online": "ok", "connecting": "warn", "backing_off": "bad", "stopped": "warn"}
+              "defective": "defect in the uplink's code", "stopped": "stopped"}
+STATE_CLASS = {"online": "ok", "connecting": "warn", "backing_off": "bad", "defective": "bad",
+               "stopped": "warn"}
 #: verdict -> header class: ready and online; ready but the uplink is not online (messages are
 #: buffered, not yet past the stuck thresholds); not ready
 VERDICT_CLASS = {"OK": "", "BUFFERING": "buffering", "ATTENTION": "down"}

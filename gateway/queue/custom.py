@@ -29,7 +29,8 @@ an unknown key is an error naming it, a parameter without a default is required,
 parameters annotated str/int/float/bool/Literal/Optional/list/dict are converted from YAML
 or environment strings. Name every option as a parameter (``**kwargs`` is refused).
 Parameter names containing password, secret, token, key or credential are masked in
-``openhqm-gateway config check``.
+``openhqm-gateway config check``; a ``connection_string`` or ``*url`` shows its address with
+only the password or key masked.
 
 The rules every method follows are in gateway/queue/interface.py; the contract suite
 (tests/contract/) checks them against your class. In short:
@@ -55,6 +56,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from gateway.errors import NotSupportedError
+from gateway.masking import mask_address
 from gateway.message import Body, QueueMessage
 from gateway.queue.interface import Handler, MessageQueueInterface, PublishResult
 
@@ -62,7 +64,7 @@ BACKEND = "my_custom_queue"
 
 
 class CustomQueueTemplate(MessageQueueInterface):
-    #: shown in errors, logs and metrics
+    #: shown in errors, logs and metrics (without it: the class name)
     backend_name = BACKEND
 
     def __init__(self, connection_string: str, option1: str = "default") -> None:
@@ -71,6 +73,12 @@ class CustomQueueTemplate(MessageQueueInterface):
         ConfigError); open nothing yet."""
         self.connection_string = connection_string
         self.option1 = option1
+
+    @property
+    def target(self) -> str:
+        """Where this uplink connects, for the log lines that say it could not: host:port,
+        or a URL / connection string with its secrets masked."""
+        return mask_address(self.connection_string)
 
     async def connect(self) -> None:
         """Open the connection and make one real round trip, so a wrong address or

@@ -6,7 +6,9 @@ Semantics every implementation keeps (tests/contract/ checks them against each b
   Implementations are async context managers (``async with backend: ...``).
 - ``publish`` returns the message id. When the caller passes ``message_id`` (the gateway
   always does) that id is carried to the backend so consumers can deduplicate; the
-  returned id is the same string. Attributes travel with the message.
+  returned id is the same string. Attributes travel with the message. A ``publish``
+  written to the seed's signature (no ``message_id`` parameter) is called without it; the
+  gateway's id still reaches it as the attribute ``openhqm_message_id``.
 - ``publish_batch`` publishes many messages to one queue and returns one PublishResult per
   input, in input order. Partial failure is normal: each result carries its own error.
   When the backend becomes unreachable part-way, the remaining results carry
@@ -25,17 +27,23 @@ Semantics every implementation keeps (tests/contract/ checks them against each b
   ``purge_queue`` returns how many messages it removed.
 
 Anything a backend cannot do raises NotSupportedError; nothing is silently skipped.
+
+``backend_name`` names the uplink in logs, metrics and errors: the ``queue.type`` for the
+built-in backends; a subclass that sets none is named by its class (never "abstract").
+``target`` says where it connects (for "has not connected within 5s, trying ...").
 """
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Sequence
+from functools import cache
 from types import TracebackType
 from typing import Any, NamedTuple, Self
 
 from gateway.errors import QueueError, UplinkUnavailable
-from gateway.message import Body, QueueMessage, encode_body, new_message_id
+from gateway.message import ATTR_MESSAGE_ID, Body, QueueMessage, encode_body, new_message_id
 
 Handler = Callable[[QueueMessage], Awaitable[None]]
 
@@ -52,9 +60,32 @@ class PublishResult(NamedTuple):
         return self.error is None
 
 
+@cache
+def takes_message_id(publish: Callable[..., Any]) -> bool:
+    """Whether a ``publish`` accepts ``message_id=`` (the seed's signature does not)."""
+    try:
+        params = inspect.signature(publish).parameters.values()
+    except (TypeError, ValueError):  # no signature to read: call it as the interface says
+        return True
+    return any(p.name == "message_id" or p.kind is inspect.Parameter.VAR_KEYWORD
+               for p in params)
+
+
 class MessageQueueInterface(ABC):
-    #: the ``queue.type`` name, used in errors and metrics
+    #: the ``queue.type`` name, used in errors, logs and metrics; a subclass that sets none
+    #: is named by its class
     backend_name: str = "abstract"
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.backend_name == MessageQueueInterface.backend_name:
+            cls.backend_name = cls.__name__
+
+    @property
+    def target(self) -> str:
+        """Where this uplink connects (host:port, or a URL with its password masked), for
+        the log lines that say it could not; '' when it cannot tell."""
+        return ""
 
     @abstractmethod
     async def connect(self) -> None: ...
@@ -77,13 +108,21 @@ class MessageQueueInterface(ABC):
     async def publish_batch(
         self, queue_name: str, messages: Sequence[QueueMessage]
     ) -> list[PublishResult]:
-        """Loop over ``publish``; backends override this with a real batch call."""
+        """Loop over ``publish``; backends override this with a real batch call. The message
+        id goes as ``message_id=`` when ``publish`` takes it, and always as the attribute
+        ``openhqm_message_id``."""
         results: list[PublishResult] = []
+        with_id = takes_message_id(type(self).publish)
         for index, msg in enumerate(messages):
+            attributes = msg.attributes
+            if attributes.get(ATTR_MESSAGE_ID) != msg.id:
+                attributes = {**attributes, ATTR_MESSAGE_ID: msg.id}
             try:
-                await self.publish(
-                    queue_name, msg.body, attributes=msg.attributes, message_id=msg.id
-                )
+                if with_id:
+                    await self.publish(queue_name, msg.body, attributes=attributes,
+                                       message_id=msg.id)
+                else:
+                    await self.publish(queue_name, msg.body, attributes=attributes)
             except UplinkUnavailable as exc:
                 results.extend(PublishResult(m.id, exc) for m in messages[index:])
                 break

@@ -51,6 +51,10 @@ class SqliteQueue(MessageQueueInterface):
             raise UplinkUnavailable("not connected", backend=self.backend_name)
         return self._store
 
+    @property
+    def target(self) -> str:
+        return self.path
+
     async def connect(self) -> None:
         if self._store is not None:
             return

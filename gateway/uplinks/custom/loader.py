@@ -11,7 +11,12 @@ Two routes lead here:
   flat keys of the ``queue:`` section (``OPENHQM_QUEUE__<KEY>`` works for them too).
 
 Either way the class is checked before it is used: a subclass of MessageQueueInterface with
-no abstract method left, whose constructor names its options (no ``**kwargs``). The options
+no abstract method left, whose constructor names its options (no ``**kwargs``), and whose
+methods the gateway can call the way it calls them: ``async def connect(self)``,
+``async def disconnect(self)``, and ``async def publish(self, queue_name, message, ...,
+attributes=...)`` (``message_id=`` is passed only when ``publish`` takes it) or an own
+``async def publish_batch(self, queue_name, messages)``. Each of these is a ConfigError with
+the reason, so ``config check`` reports it and not the first message. The options
 are checked against that constructor by the gateway's own settings parser: an unknown key is
 a ConfigError naming it, a missing required one too, and annotated scalar types (str, int,
 float, bool, Literal, Optional, list, dict) are converted as for every built-in key. Nothing
@@ -28,6 +33,7 @@ import typing
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any, Literal, Union, get_args, get_origin
 
+from gateway import masking
 from gateway.errors import ConfigError
 from gateway.queue.interface import MessageQueueInterface
 from gateway.settings import parse_dataclass
@@ -36,7 +42,6 @@ ENTRY_POINT_GROUP = "openhqm_gateway.queues"
 
 _SCALARS: tuple[Any, ...] = (str, int, float, bool, type(None))
 _SIMPLE_DEFAULTS = (str, int, float, bool, type(None))
-_SECRET_WORDS = ("password", "secret", "token", "connection_string", "credential", "key")
 
 
 def plugin_entry_points() -> dict[str, EntryPoint]:
@@ -102,7 +107,39 @@ def check_queue_class(loaded: object, key: str, value: str, source: str) -> type
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
         raise ConfigError(key, value, f"{loaded.__qualname__}.__init__ takes **kwargs; name every "
                           "option as a parameter so the gateway can check the keys", source)
+    problem = call_problem(loaded)
+    if problem:
+        raise ConfigError(key, value, f"the gateway cannot call {loaded.__qualname__}: {problem}",
+                          source)
     return loaded
+
+
+#: method -> (placeholder arguments of the gateway's call, how the call reads)
+_CALLS: dict[str, tuple[tuple[Any, ...], dict[str, Any], str]] = {
+    "connect": ((), {}, "await uplink.connect()"),
+    "disconnect": ((), {}, "await uplink.disconnect()"),
+    "publish": (("queue", b""), {"attributes": {}},
+                "await uplink.publish(queue_name, message, attributes=...)"),
+    "publish_batch": (("queue", []), {}, "await uplink.publish_batch(queue_name, messages)"),
+}
+
+
+def call_problem(cls: type[MessageQueueInterface]) -> str:
+    """Why the forwarder's calls would fail on ``cls`` (a TypeError at run time), or ''."""
+    used = ["connect", "disconnect"]
+    # the inherited publish_batch calls publish; an own publish_batch is called directly
+    used.append("publish" if cls.publish_batch is MessageQueueInterface.publish_batch
+                else "publish_batch")
+    for name in used:
+        method = getattr(cls, name)
+        args, kwargs, call = _CALLS[name]
+        if not inspect.iscoroutinefunction(method):
+            return f"{name} must be 'async def' (the gateway runs {call})"
+        try:
+            inspect.signature(method).bind(None, *args, **kwargs)
+        except TypeError as exc:
+            return f"{call} would fail: {exc}; its signature is {name}{inspect.signature(method)}"
+    return ""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -155,7 +192,8 @@ def options_class(cls: type[MessageQueueInterface], key: str, source: str) -> ty
 
     Parsed with gateway.settings.parse_dataclass, it rejects unknown keys (naming
     ``<key>.<name>``), converts environment strings, and masks values whose name looks secret
-    (password, token, key, ...) when the effective config is printed."""
+    (password, token, key, ...; URLs and connection strings keep their address) when the
+    effective config is printed."""
     options = _options(cls)
 
     def check_required(self: Any) -> None:
@@ -166,18 +204,13 @@ def options_class(cls: type[MessageQueueInterface], key: str, source: str) -> ty
 
     fields = [(o.name, o.annotation | None if o.annotation is not Any else Any,
                dataclasses.field(default=o.default,
-                                 metadata={"secret": _looks_secret(o.name)}))
+                                 metadata={"secret": masking.kind_for_name(o.name)}))
               for o in options]
     made: type[Any] = dataclasses.make_dataclass(
         f"{cls.__name__}Options", fields, namespace={"__post_init__": check_required,
                                                     "queue_class": cls},
         frozen=True)
     return made
-
-
-def _looks_secret(name: str) -> bool:
-    lowered = name.lower()
-    return any(word in lowered for word in _SECRET_WORDS)
 
 
 def parse_options(cls: type[MessageQueueInterface], raw: object, key: str, source: str) -> Any:

@@ -34,7 +34,8 @@ def blob_module() -> Any:
     except ImportError:
         raise ConfigError("queue.azure_eventhubs_checkpoint_store", HIDDEN,
                           "needs the azure-eventhub-checkpointstoreblob-aio package "
-                          "(pip install 'openhqm-gateway[eventhubs]')") from None
+                          "(the extra [eventhubs]: pip install '.[eventhubs]' from the "
+                          "gateway's checkout)") from None
 
 
 def open_blob_store(connection_string: str, container: str) -> Any:

@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 
 from gateway.errors import ConfigError
 from gateway.queue.keys import KeyTemplate
-from gateway.settings import DURATION, secret
+from gateway.settings import DURATION, secret_connection_string
 
 _CONTAINER = re.compile(r"[a-z0-9](?:[a-z0-9]|-(?=[a-z0-9])){2,62}")
 Credential = Literal["connection_string", "default_azure_credential"]
@@ -23,7 +23,7 @@ Credential = Literal["connection_string", "default_azure_credential"]
 class EventHubsSettings:
     #: "Endpoint=sb://<namespace>.servicebus.windows.net/;SharedAccessKeyName=...;
     #: SharedAccessKey=...[;EntityPath=<hub>]"
-    azure_eventhubs_connection_string: str = secret("")
+    azure_eventhubs_connection_string: str = secret_connection_string("")
     #: the hub the gateway forwards to: queue.request_queue_name maps to this hub ('' = the
     #: connection string's EntityPath, else request_queue_name itself). Any other queue name
     #: (forwarder routes, the API) is a hub name as it is.
@@ -33,7 +33,7 @@ class EventHubsSettings:
     #: a storage account connection string: checkpoints go to Azure Blob Storage (the SDK's
     #: blob layout, shared with SDK consumers of the same group). Unset = a checkpoint file
     #: in gateway.state_dir
-    azure_eventhubs_checkpoint_store: str | None = secret(None)
+    azure_eventhubs_checkpoint_store: str | None = secret_connection_string(None)
     #: the blob container of the checkpoints (it must exist)
     azure_eventhubs_checkpoint_container: str = "openhqm-checkpoints"
 

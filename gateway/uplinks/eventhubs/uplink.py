@@ -131,6 +131,10 @@ class EventHubsQueue(MessageQueueInterface):
 
     # -- connections --------------------------------------------------------------------
 
+    @property
+    def target(self) -> str:
+        return f"{self.namespace}/{self.default_hub}"
+
     async def connect(self) -> None:
         if self._connected:
             return

@@ -17,10 +17,15 @@ How a batch travels:
   (too large for the topic's ``max.message.bytes``, invalid), every record of that batch
   gets the error; those records are then sent again one at a time, in order, so only the
   guilty one is rejected (MessageRejected with the broker's reason) and the rest flow.
-- Unreachable broker: librdkafka keeps retrying for ``message.timeout.ms``
-  (``kafka_delivery_timeout``) and then reports each record ``_MSG_TIMED_OUT``:
-  UplinkUnavailable, the forwarder keeps the messages and sends them again later (the
-  consumer may see a record twice after an outage; the message id header tells).
+- Unreachable broker: librdkafka reports "all brokers are down" (``_ALL_BROKERS_DOWN``,
+  once per reconnect round, about every second while they stay down) to the error
+  callback. A batch waiting for its reports then ends at once: what was not reported
+  delivered is UplinkUnavailable, and the forwarder keeps those messages and sends them
+  again later, instead of waiting out ``message.timeout.ms`` (``kafka_delivery_timeout``,
+  which still bounds a broker that stops answering without refusing connections).
+  librdkafka may still deliver records of an ended batch when a broker returns: the
+  consumer may see a record twice after an outage; the message id header tells.
+  ``until_reachable`` ends a connect's round trip the same way.
 """
 
 from __future__ import annotations
@@ -81,7 +86,7 @@ class _Batch:
     last one is in. ``pending`` starts at the batch size, so it cannot reach 0 while
     records are still being handed to produce()."""
 
-    __slots__ = ("_lock", "errors", "future", "loop", "pending")
+    __slots__ = ("_lock", "aborted", "errors", "future", "loop", "pending")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, size: int) -> None:
         self.loop = loop
@@ -89,6 +94,8 @@ class _Batch:
         self.errors: list[Any] = [None] * size
         self.pending = size
         self.future: asyncio.Future[None] = loop.create_future()
+        #: every broker went down before all reports came in: the error for the rest
+        self.aborted: QueueError | None = None
         self._lock = threading.Lock()
 
     def report(self, index: int, err: KafkaError | None, _msg: Any) -> None:
@@ -107,6 +114,11 @@ class _Batch:
             last = self.pending == 0
         if last:
             self._resolve()
+
+    def abort(self, error: QueueError) -> None:
+        """Stop waiting (event loop thread): unreported records get ``error``."""
+        self.aborted = error
+        self._resolve()
 
     def _resolve(self) -> None:
         if not self.future.done():
@@ -130,6 +142,13 @@ class Publisher:
         #: the producer hit a fatal error (idempotence state lost) and must be replaced
         self.broken = False
         self._fatal: str = ""
+        self.loop = asyncio.get_running_loop()
+        #: batches waiting for delivery reports, and connects waiting for a round trip:
+        #: both end when every broker is down
+        self._waiting: set[_Batch] = set()
+        self._reachability: set[asyncio.Future[str]] = set()
+        #: librdkafka's last connection error ("Connect to ipv4#... failed: ...")
+        self._last_transport = ""
         self.producer = Producer({**config, "error_cb": self._on_error})
         self._stop = threading.Event()
         self._poller = threading.Thread(target=self._poll, name="kafka-delivery-reports",
@@ -144,12 +163,53 @@ class Publisher:
             producer.poll(0.2)  # blocks until a report (or error) arrives, or 200 ms
 
     def _on_error(self, err: KafkaError) -> None:
+        """librdkafka's error callback (the poll thread, or the loop's during flush(0))."""
         if err.fatal():
             self.broken = True
             self._fatal = err.str()
             log.error("kafka: fatal producer error: %s", err.str())
-        else:
-            log.debug("kafka: producer: %s", err.str())
+            return
+        log.debug("kafka: producer: %s", err.str())
+        if err.code() == KafkaError._TRANSPORT:
+            self._last_transport = err.str()
+        elif err.code() == KafkaError._ALL_BROKERS_DOWN:
+            reason = err.str() + (f" ({self._last_transport})" if self._last_transport else "")
+            self.loop.call_soon_threadsafe(self._all_brokers_down, reason)
+
+    def _all_brokers_down(self, reason: str) -> None:
+        error = UplinkUnavailable(f"no broker reachable: {reason}", backend=BACKEND,
+                                  code="_ALL_BROKERS_DOWN")
+        if self._waiting:
+            # The records of an ended batch are sent again by the forwarder: those still
+            # queued here (none was sent with every broker down) would only be duplicates.
+            self.producer.purge(in_queue=True, in_flight=False, blocking=False)
+        for batch in list(self._waiting):
+            batch.abort(error)
+        for waiter in list(self._reachability):
+            if not waiter.done():
+                waiter.set_result(reason)
+
+    async def until_reachable(self, round_trip: Awaitable[None]) -> None:
+        """Await ``round_trip`` (a request to the cluster); when librdkafka says every broker
+        is down first, raise UplinkUnavailable with its reason instead of waiting out the
+        request's timeout."""
+        down: asyncio.Future[str] = self.loop.create_future()
+        self._reachability.add(down)
+        task = asyncio.ensure_future(round_trip)
+        either: list[asyncio.Future[Any]] = [task, down]
+        try:
+            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            task.cancel()
+            raise
+        finally:
+            self._reachability.discard(down)
+        if task.done():
+            task.result()
+            return
+        task.cancel()
+        raise UplinkUnavailable(f"no broker reachable: {down.result()}", backend=BACKEND,
+                                code="_ALL_BROKERS_DOWN")
 
     async def close(self, timeout: float) -> None:
         """Send what the producer holds (up to ``timeout``), drop the rest, stop the thread.
@@ -158,7 +218,7 @@ class Publisher:
         try:
             left = await asyncio.to_thread(producer.flush, max(timeout, 0.0))
             if left:
-                log.warning("kafka: closing the producer with %d unacknowledged messages; "
+                log.info("kafka: closing the producer with %d unacknowledged messages; "
                             "they stay buffered and are sent again", left)
         finally:  # also when cancelled: nothing may keep the producer or its thread alive
             producer.purge()
@@ -196,8 +256,9 @@ class Publisher:
         while True:
             remaining = deadline - time.monotonic()
             try:
+                # short slices: a thread blocked here would hold up the daemon's exit
                 meta = await asyncio.to_thread(self.producer.list_topics,
-                                               None, max(min(remaining, 5.0), 0.1))
+                                               None, max(min(remaining, 1.0), 0.1))
             except KafkaException as exc:
                 if time.monotonic() >= deadline:
                     raise translate_rd(exc.args[0], f"metadata for {topic!r}") from None
@@ -217,7 +278,7 @@ class Publisher:
 
     async def publish_batch(self, topic: str, messages: Sequence[QueueMessage]) -> list[PublishResult]:
         try:
-            await self._check_topic(topic)
+            await self.until_reachable(self._check_topic(topic))
         except QueueError as exc:
             return [PublishResult(m.id, exc) for m in messages]
         records = self._records(messages)
@@ -273,8 +334,17 @@ class Publisher:
                     ) -> list[Any]:
         """produce() the records at ``indexes`` and wait for their reports. Returns, per
         index, True (delivered), a KafkaError, or a QueueError raised locally."""
-        loop = asyncio.get_running_loop()
-        batch = _Batch(loop, len(indexes))
+        batch = _Batch(self.loop, len(indexes))
+        self._waiting.add(batch)
+        try:
+            return await self._produce_and_wait(batch, topic, messages, records, indexes)
+        finally:
+            self._waiting.discard(batch)
+
+    async def _produce_and_wait(self, batch: _Batch, topic: str,
+                                messages: Sequence[QueueMessage],
+                                records: list[tuple[bytes | None, Headers]],
+                                indexes: Sequence[int]) -> list[Any]:
         produce: Any = self.producer.produce
         report = batch.report
         deadline = time.monotonic() + self.delivery_timeout + REPORT_GRACE
@@ -303,9 +373,10 @@ class Publisher:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(batch.future),
                                    max(deadline - time.monotonic(), 0.001))
-        return [e if e is not None else UplinkUnavailable(
+        missing = batch.aborted or UplinkUnavailable(
             f"no delivery report from the producer within {self.delivery_timeout:g}s",
-            backend=BACKEND) for e in batch.errors]
+            backend=BACKEND)
+        return [missing if e is None else e for e in batch.errors]
 
     def _refused_locally(self, err: KafkaError, msg: QueueMessage) -> QueueError:
         if err.code() == KafkaError.MSG_SIZE_TOO_LARGE:

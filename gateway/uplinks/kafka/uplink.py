@@ -52,6 +52,8 @@ HEADER_DLQ_REASON = "openhqm_dlq_reason"
 HEADER_DLQ_SOURCE = "openhqm_dlq_source"
 _REWRITTEN = {HEADER_RETRY_COUNT, HEADER_LAST_ERROR, HEADER_DLQ_REASON, HEADER_DLQ_SOURCE}
 _CREATE_OPTIONS = {"partitions", "replication_factor", "config"}
+#: seconds disconnect() lets the producer send what it still holds
+CLOSE_FLUSH = 1.0
 #: librdkafka property (as its errors name it) -> the setting it comes from
 _PROPERTY_KEYS = {"ssl.ca.location": "kafka_ssl_ca_file",
                   "ssl.certificate.location": "kafka_ssl_cert_file",
@@ -181,6 +183,11 @@ class KafkaQueue(MessageQueueInterface):
 
     # -- connections ------------------------------------------------------------------------
 
+    @property
+    def target(self) -> str:
+        servers = self.settings.kafka_bootstrap_servers
+        return servers if isinstance(servers, str) else ",".join(servers)
+
     async def connect(self) -> None:
         if self._publisher is not None:
             return
@@ -188,8 +195,15 @@ class KafkaQueue(MessageQueueInterface):
             admin = Admin(self.client_config(), self.settings.kafka_request_timeout)
         except KafkaException as exc:
             raise self._refused(exc, "admin client") from None
-        await admin.describe_cluster()  # UplinkUnavailable when no broker answers
-        self._admin, self._publisher = admin, self._new_publisher()
+        publisher = self._new_publisher()
+        try:
+            # UplinkUnavailable when no broker answers, within a second when they refuse
+            # connections (the producer hears "all brokers are down"), else at the timeout
+            await publisher.until_reachable(admin.describe_cluster())
+        except BaseException:
+            await publisher.close(0.0)
+            raise
+        self._admin, self._publisher = admin, publisher
         if self.settings.kafka_create_topics:
             for topic in self.settings.kafka_topics:
                 await self.create_queue(topic)
@@ -210,7 +224,10 @@ class KafkaQueue(MessageQueueInterface):
             await sub.close()
         publisher, self._publisher = self._publisher, None
         if publisher is not None:
-            await publisher.close(self.settings.kafka_delivery_timeout)
+            # Records still in the producer belong to batches that ended without their
+            # reports: they are in the gateway's store. Waiting longer only saves duplicates,
+            # and with the brokers down it would hold up a shutdown.
+            await publisher.close(min(self.settings.kafka_delivery_timeout, CLOSE_FLUSH))
         self._admin = None
 
     def _require(self) -> tuple[Publisher, Admin]:

@@ -164,6 +164,11 @@ class MqttQueue(MessageQueueInterface):
 
     # -- connection -------------------------------------------------------------------------
 
+    @property
+    def target(self) -> str:
+        scheme = "mqtts" if self.settings.mqtt_tls else "mqtt"
+        return f"{scheme}://{self.settings.mqtt_broker_host}:{self.settings.mqtt_broker_port}"
+
     async def connect(self) -> None:
         self._wanted = True
         await self._open()

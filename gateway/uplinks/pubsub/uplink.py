@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future as ConcurrentFuture
@@ -133,6 +134,11 @@ class PubSubQueue(MessageQueueInterface):
         except RuntimeError as exc:  # shut down by a disconnect in the meantime
             raise UplinkUnavailable(f"{what}: {exc}", backend=BACKEND) from exc
 
+    @property
+    def target(self) -> str:
+        emulator = self.settings.gcp_emulator_host or os.environ.get("PUBSUB_EMULATOR_HOST", "")
+        return f"{emulator} (emulator)" if emulator else "pubsub.googleapis.com:443"
+
     async def connect(self) -> None:
         if self._clients is not None:
             return
@@ -152,8 +158,9 @@ class PubSubQueue(MessageQueueInterface):
         except BaseException:
             await self.disconnect()
             raise
-        log.info("gcp_pubsub: connected to %s, project %s",
-                 clients.emulator or "Google Cloud", clients.project)
+        # the forwarder says "connected" (or "back"), once; this is the detail
+        log.debug("gcp_pubsub: connected to %s, project %s",
+                  clients.emulator or "Google Cloud", clients.project)
 
     async def _probe(self) -> None:
         """One real round trip. An answer 'not allowed' still proves the service is reachable

@@ -5,12 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated
 
-from gateway.settings import DURATION, secret
+from gateway.settings import DURATION, secret_url
 
 
 @dataclass(frozen=True, slots=True)
 class RedisSettings:
-    redis_url: str = secret("redis://localhost:6379/0")
+    redis_url: str = secret_url("redis://localhost:6379/0")
     #: approximate MAXLEN for XADD; 0 keeps every entry
     redis_maxlen: int = 0
     #: consumer group used by consume(); created on demand

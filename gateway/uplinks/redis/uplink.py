@@ -72,6 +72,7 @@ from gateway.errors import (
     RetryableError,
     UplinkUnavailable,
 )
+from gateway.masking import mask_url
 from gateway.message import Body, QueueMessage, encode_body, new_message_id
 from gateway.queue.inflight import InFlight
 from gateway.queue.interface import Handler, MessageQueueInterface, PublishResult
@@ -206,6 +207,10 @@ class RedisStreamsQueue(MessageQueueInterface):
         if self._client is None:
             raise UplinkUnavailable("not connected", backend=BACKEND)
         return self._client
+
+    @property
+    def target(self) -> str:
+        return mask_url(self.settings.redis_url)
 
     async def connect(self) -> None:
         if self._client is not None:

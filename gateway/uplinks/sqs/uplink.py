@@ -152,8 +152,16 @@ class SqsQueue(MessageQueueInterface):
             raise UplinkUnavailable("not connected", backend=BACKEND)
         return self._client
 
+    @property
+    def target(self) -> str:
+        s = self.settings
+        return (s.endpoint_url or s.sqs_queue_url
+                or f"https://sqs.{s.sqs_region}.amazonaws.com")
+
     async def connect(self) -> None:
-        """Build the client; no round trip (the first call finds out whether SQS answers)."""
+        """Build the client and make one round trip (``_round_trip``): a wrong endpoint or
+        credentials SQS refuses fail here, as UplinkUnavailable naming the reason, and not at
+        the first message."""
         if self._client is not None:
             return
         s = self.settings
@@ -184,6 +192,20 @@ class SqsQueue(MessageQueueInterface):
             await stack.aclose()
             raise
         self._stack = stack
+        try:
+            await self._round_trip("connect")
+        except UplinkUnavailable as exc:
+            # An answer proves the endpoint and the credentials, "no such queue" (it may be
+            # created on first use) and "not allowed to look it up" (a send-only role) too.
+            if exc.code in MISSING_QUEUE or exc.code in ("AccessDenied", "AccessDeniedException"):
+                return
+            await self.disconnect()
+            raise
+        except QueueError:
+            return  # SQS answered (a request it did not like): it is there
+        except BaseException:
+            await self.disconnect()
+            raise
 
     async def disconnect(self) -> None:
         stack, self._stack, self._client = self._stack, None, None
@@ -197,19 +219,24 @@ class SqsQueue(MessageQueueInterface):
         """True after SQS answered about the request queue (also "it does not exist")."""
         if self._client is None:
             return False
-        timeout = self.settings.sqs_connect_timeout + self.settings.sqs_read_timeout
         try:
-            with boundary("health_check"):
-                url = self._urls.get(self.request_queue_name)
-                if url:
-                    call = self._client.get_queue_attributes(QueueUrl=url,
-                                                             AttributeNames=["QueueArn"])
-                else:
-                    call = self._client.get_queue_url(QueueName=self.request_queue_name)
-                await asyncio.wait_for(call, timeout)
+            await self._round_trip("health_check")
         except QueueError as exc:
             return exc.code in MISSING_QUEUE
         return True
+
+    async def _round_trip(self, operation: str) -> None:
+        """Ask SQS about the request queue (its attributes when its URL is known, else its
+        URL); what SQS answers, or why it did not, as the gateway's error."""
+        timeout = self.settings.sqs_connect_timeout + self.settings.sqs_read_timeout
+        with boundary(operation):
+            name = self.request_queue_name
+            url = self._urls.get(name) or (name if _is_url(name) else "")
+            if url:
+                call = self.client.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])
+            else:
+                call = self.client.get_queue_url(QueueName=self.request_queue_name)
+            await asyncio.wait_for(call, timeout)
 
     # -- queue names and URLs ---------------------------------------------------------
 
