@@ -34,7 +34,7 @@ from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from gateway.aio import Interrupted, unless_set, wait_event
+from gateway.aio import Interrupted, wait_event
 from gateway.config import Config
 from gateway.errors import ConfigError, QueueError, RetryableError, StoreError, UplinkUnavailable
 from gateway.linkstate import CONNECT_NOTICE, UplinkState, is_programming_error
@@ -94,10 +94,20 @@ class Forwarder:
         self._probe = False
         self._ahead: asyncio.Task[_Batch] | None = None
         self._settling: asyncio.Future[None] | None = None
+        #: the deadline of the uplink call in progress (stop() brings it forward)
+        self._bound: asyncio.Timeout | None = None
 
     def stop(self) -> None:
-        """Finish the batch in flight, then return from ``run``."""
+        """Finish the batch in flight (a call to the uplink gets STOP_GRACE seconds more),
+        then return from ``run``."""
         self._stopping.set()
+        self.store.wake(self.queue)  # an idle wait for messages ends now
+        bound = self._bound
+        if bound is not None:
+            deadline = asyncio.get_running_loop().time() + STOP_GRACE
+            when = bound.when()
+            if when is None or when > deadline:
+                bound.reschedule(deadline)
 
     async def run(self) -> None:
         try:
@@ -155,9 +165,20 @@ class Forwarder:
 
     async def _unless_stopping(self, aw: Awaitable[T]) -> T:
         """``aw`` bounded by forwarder.publish_timeout, and abandoned STOP_GRACE seconds
-        after stop() (Interrupted)."""
-        return await unless_set(asyncio.wait_for(aw, self.cfg.publish_timeout), self._stopping,
-                                STOP_GRACE)
+        after stop() (Interrupted). No task of its own: one runs per batch."""
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self.cfg.publish_timeout) as bound:
+                self._bound = bound
+                if self._stopping.is_set():
+                    bound.reschedule(loop.time() + STOP_GRACE)
+                return await aw
+        except TimeoutError:
+            if self._stopping.is_set():
+                raise Interrupted(f"interrupted after a {STOP_GRACE:g}s grace") from None
+            raise
+        finally:
+            self._bound = None
 
     async def _store_trouble(self, exc: StoreError) -> None:
         log.error("store error while forwarding (%s); retrying with backoff", exc,
@@ -189,16 +210,10 @@ class Forwarder:
         await wait_event(self._stopping, seconds)
 
     async def _sleep_until_ready(self) -> None:
-        # The timeout is a safety net for writers outside this process (``dlq replay``).
-        waiter = asyncio.create_task(self.store.wait_ready(self.queue, EXTERNAL_WRITE_WAKEUP),
-                                     name="wait-ready")
-        stopper = asyncio.create_task(self._stopping.wait(), name="wait-stop")
-        try:
-            await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in (waiter, stopper):
-                task.cancel()
-            await asyncio.gather(waiter, stopper, return_exceptions=True)
+        """Until the store has something (stop() wakes it too). The timeout is a safety net
+        for writers outside this process (``dlq replay``)."""
+        if not self._stopping.is_set():
+            await self.store.wait_ready(self.queue, EXTERNAL_WRITE_WAKEUP)
 
     def destination(self, topic: str) -> str:
         for route in self.cfg.routes:
@@ -220,7 +235,8 @@ class Forwarder:
         batch = await self._next_batch(1 if probing else self.cfg.batch_size)
         if not batch:
             return 0
-        if not probing:
+        if not probing and batch.full(self.cfg.batch_size, self.cfg.max_batch_bytes):
+            # a full batch: more may be waiting, lease it while this one is on the wire
             self._ahead = asyncio.create_task(self._lease(self.cfg.batch_size),
                                               name="lease-ahead")
         settlement, unavailable = await self._publish_all(batch)
@@ -366,6 +382,11 @@ class _Batch:
 
     def __len__(self) -> int:
         return len(self.messages)
+
+    def full(self, limit: int, max_bytes: int) -> bool:
+        """It reached a limit of the lease: more messages may be ready behind it."""
+        return len(self.messages) >= limit or (
+            max_bytes > 0 and sum(len(m.payload) for m in self.messages) * 2 >= max_bytes)
 
 
 _EMPTY = _Batch([], [])

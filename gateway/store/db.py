@@ -1037,6 +1037,12 @@ class StoreDb:
             self.dead_bytes -= gone[1]
             self._bump(gone[0], "dropped:dead_letter_full")
 
+    def may_fall_due(self, queue: str) -> bool:
+        """Whether anything of ``queue`` waits for a time (parked, or leased): read from
+        another thread without a lock, so only a hint that spares a round trip."""
+        cur = self.cursors.get(queue)
+        return cur is None or bool(cur.parked_count or cur.deadlines or len(self.leases))
+
     def next_due(self, queue: str, now: float) -> float | None:
         """The earliest time (wall clock) a waiting message becomes ready: a parked one falls
         due, or a lease runs out."""

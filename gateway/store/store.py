@@ -235,10 +235,16 @@ class Store:
                                self.cfg.lease if lease_seconds is None else lease_seconds,
                                time.time(), max_bytes)
 
+    def wake(self, queue: str) -> None:
+        """End a ``wait_ready`` of ``queue`` now (the forwarder is stopping)."""
+        self._notify(queue)
+
     async def wait_ready(self, queue: str, timeout: float | None = None) -> None:
         """Sleep until new messages may be ready in ``queue`` (or the timeout, or a due one)."""
         event = self._event(queue)
-        due = await self._run(self._db.next_due, queue, time.time())
+        due = None
+        if self._db.may_fall_due(queue):  # else nothing can fall due: no round trip
+            due = await self._run(self._db.next_due, queue, time.time())
         if due is not None:
             until_due = max(0.0, due - time.time()) + 0.001
             timeout = until_due if timeout is None else min(timeout, until_due)
