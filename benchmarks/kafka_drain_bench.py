@@ -199,6 +199,7 @@ class AcceptAll:
     """An uplink that accepts every message at once: the forwarder and store alone."""
 
     backend_name = "accept-all"
+    target = "nowhere (accepts every message at once)"
 
     async def publish_batch(self, queue_name: str,
                             messages: list[QueueMessage]) -> list[PublishResult]:

@@ -144,6 +144,10 @@ def mosquitto_server(workdir: Path, port: int | None = None, extra_conf: str = "
         "max_packet_size 16777216\n"
         "message_size_limit 0\n"
         "log_type error\nlog_type warning\n"
+        # As root mosquitto drops to the user 'mosquitto', which cannot write its persistence
+        # file into this test's private directory: a restarted broker then forgot every queued
+        # message ("Error: Permission denied" every autosave), and restart tests flaked.
+        + ("user root\n" if os.geteuid() == 0 else "")
         + extra_conf)
     server = ServerProcess("mosquitto", [binary, "-c", str(conf)], workdir, port,
                            lambda s: _mqtt_ready(s.port))
