@@ -92,6 +92,8 @@ class StoreConfig:
     path: str = ""
     durability: Literal["full", "normal"] = "full"
     commit_interval_ms: int = 20
+    #: while the uplink is unreachable, commits start at most this often instead
+    offline_commit_interval_ms: int = 250
     commit_batch_size: int = 2000
     max_bytes: Annotated[int, SIZE] = 512 * 1024**2
     max_messages: int = 2_000_000
@@ -368,6 +370,9 @@ def validate(cfg: Config) -> None:
     p.check(st.max_bytes >= 1024, "store.max_bytes", st.max_bytes, "must be at least 1KB")
     p.check(st.max_attempts >= 1, "store.max_attempts", st.max_attempts, "must be at least 1")
     p.check(st.lease > 0, "store.lease", st.lease, "must be positive")
+    p.check(st.offline_commit_interval_ms >= st.commit_interval_ms,
+            "store.offline_commit_interval_ms", st.offline_commit_interval_ms,
+            "must be at least store.commit_interval_ms")
     p.check(4096 <= st.segment_bytes <= 64 * 1024**2, "store.segment_bytes", st.segment_bytes,
             "must be between 4KB and 64MB")
     p.check(st.cursor_sync_interval > 0, "store.cursor_sync_interval", st.cursor_sync_interval,

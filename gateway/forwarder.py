@@ -200,6 +200,7 @@ class Forwarder:
         else:
             self.link.unavailable(exc)
         self._failures += 1
+        self.store.uplink_state(self.queue, online=False)
 
     async def _backoff(self) -> None:
         delay = full_jitter(self._failures, self.cfg.retry_min_delay, self.cfg.retry_max_delay)
@@ -251,6 +252,8 @@ class Forwarder:
         if unavailable is not None:
             self._connected = not isinstance(unavailable, _Disconnected)
             raise unavailable
+        if self._failures or self._probe:
+            self.store.uplink_state(self.queue, online=True)
         self._probe = False
         self._failures = 0
         self.link.online()

@@ -7,6 +7,9 @@ Promises (on top of the SQL invariants in ``gateway.store.db``):
   (up to ``commit_batch_size``; one append is never split, so a large one can exceed it).
   Commits start at most once per ``commit_interval_ms``, which bounds fsyncs per second on
   an SD card; a message waits at most that interval plus one commit before it is durable.
+  While an uplink is unreachable (``uplink_state``) the interval is
+  ``offline_commit_interval_ms``: nothing is waiting to be uplinked fast then, and fewer,
+  larger commits write less to the card and cost less CPU.
 - Every SQLite call runs on one thread, in submission order; the event loop never blocks on
   disk I/O.
 - ``wait_ready`` wakes a consumer when messages are committed or released, or when the
@@ -66,6 +69,8 @@ class Store:
         self._ready: dict[str, asyncio.Event] = {}
         self._committer: asyncio.Task[None] | None = None
         self._sync_timer: asyncio.TimerHandle | None = None
+        #: uplinks known to be unreachable: commits are spaced by offline_commit_interval_ms
+        self._offline: set[str] = set()
         self._last_commit = 0.0
         self._closing = False
         #: time spent in the last append commit, seconds (for metrics and benchmarks)
@@ -161,9 +166,18 @@ class Store:
             self._batch_full.set()
         return await fut
 
+    def uplink_state(self, name: str, online: bool) -> None:
+        """An uplink became reachable or unreachable (the forwarder says so)."""
+        if online and name in self._offline:
+            self._offline.discard(name)
+            self._batch_full.set()  # what waits for the long interval is committed now
+        elif not online:
+            self._offline.add(name)
+
     async def _commit_loop(self) -> None:
-        interval = self.cfg.commit_interval_ms / 1000
         while True:
+            interval = (self.cfg.offline_commit_interval_ms if self._offline
+                        else self.cfg.commit_interval_ms) / 1000
             await self._wake.wait()
             if not self._pending:
                 self._wake.clear()

@@ -195,3 +195,28 @@ async def test_schema_and_pragmas(tmp_path: Path) -> None:
     assert conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 2  # incremental
     assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
     conn.close()
+
+
+async def test_commits_are_spaced_wider_while_the_uplink_is_down(tmp_path: Path) -> None:
+    store = await open_store(tmp_path / "s.db", commit_interval_ms=10,
+                             offline_commit_interval_ms=200)
+
+    async def trickle(seconds: float) -> int:
+        before = store.commits
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            await store.append(Q, [msg("t", b"x")])
+        return store.commits - before
+
+    online = await trickle(0.4)
+    store.uplink_state("default", online=False)
+    offline = await trickle(0.4)
+    assert online >= 15 and offline <= 3, (online, offline)
+    store.uplink_state("default", online=False)
+    pending = asyncio.create_task(store.append(Q, [msg("t", b"y")]))
+    await asyncio.sleep(0.01)
+    store.uplink_state("default", online=True)  # back: what waits is committed at once
+    started = time.monotonic()
+    await pending
+    assert time.monotonic() - started < 0.1
+    await store.close()
