@@ -31,13 +31,13 @@ import os
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import IO, TypeVar
 
 from gateway.aio import wait_event
 from gateway.config import StoreConfig
 from gateway.errors import StoreError
 from gateway.store.db import Limits, StoreDb, is_disk_full
+from gateway.store.lane import Lane
 from gateway.store.records import (
     AppendOutcome,
     DeadLetter,
@@ -60,7 +60,7 @@ class Store:
         self.cfg = cfg
         self.exclusive = exclusive
         self._db = StoreDb(path, Limits.from_config(cfg))
-        self._executor: ThreadPoolExecutor | None = None
+        self._executor: Lane | None = None
         self._lock_file: IO[bytes] | None = None
         self._pending: list[_Pending] = []
         self._pending_count = 0
@@ -83,7 +83,7 @@ class Store:
     async def open(self) -> None:
         if self.exclusive:
             self._take_lock()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
+        self._executor = Lane("store")
         try:
             # the daemon checks the file first; a damaged one is moved aside (recovery.py)
             await self._run(open_checked if self.exclusive else StoreDb.open, self._db)
@@ -123,7 +123,7 @@ class Store:
     async def _shutdown_executor(self) -> None:
         if self._executor is not None:
             executor, self._executor = self._executor, None
-            await asyncio.to_thread(executor.shutdown, wait=True)
+            await executor.close()
 
     def _take_lock(self) -> None:
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
@@ -138,8 +138,7 @@ class Store:
     async def _run(self, fn: Callable[..., R], *args: object) -> R:
         if self._executor is None:
             raise StoreError("the store is not open")
-        loop = asyncio.get_running_loop()
-        return await self._translated(loop.run_in_executor(self._executor, fn, *args),
+        return await self._translated(self._executor.submit(fn, *args),
                                       getattr(fn, "__name__", "store call"))
 
     @staticmethod
@@ -275,8 +274,7 @@ class Store:
         a retried message can make messages ready."""
         if self._executor is None:
             raise StoreError("the store is not open")
-        submitted = asyncio.get_running_loop().run_in_executor(
-            self._executor, self._db.settle, settlement, time.time())  # queued now, in order
+        submitted = self._executor.submit(self._db.settle, settlement, time.time())  # in order
         fut = asyncio.ensure_future(self._translated(submitted, "settle"))
 
         def wake(_: asyncio.Future[None]) -> None:
@@ -299,7 +297,7 @@ class Store:
         if self._executor is None or self._closing:
             return
         done = asyncio.ensure_future(self._translated(
-            asyncio.get_running_loop().run_in_executor(self._executor, self._db.sync_and_check),
+            self._executor.submit(self._db.sync_and_check),
             "sync_cursors"))
 
         def rearm(fut: asyncio.Future[bool]) -> None:
