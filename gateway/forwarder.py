@@ -96,6 +96,8 @@ class Forwarder:
         self._settling: asyncio.Future[None] | None = None
         #: the deadline of the uplink call in progress (stop() brings it forward)
         self._bound: asyncio.Timeout | None = None
+        #: the last batch reached a lease limit: more may be ready behind it
+        self._more = False
 
     def stop(self) -> None:
         """Finish the batch in flight (a call to the uplink gets STOP_GRACE seconds more),
@@ -129,7 +131,9 @@ class Forwarder:
                     # unsettled leases expire and the messages are delivered again.
                     await self._store_trouble(exc)
                     continue
-                if sent == 0:
+                if sent == 0 or not self._more:
+                    # nothing was left behind the batch when it was leased: what committed
+                    # since has set the store's event, so this returns at once for it
                     await self._sleep_until_ready()
         finally:
             await self.flush()
@@ -236,7 +240,8 @@ class Forwarder:
         batch = await self._next_batch(1 if probing else self.cfg.batch_size)
         if not batch:
             return 0
-        if not probing and batch.full(self.cfg.batch_size, self.cfg.max_batch_bytes):
+        self._more = batch.full(self.cfg.batch_size, self.cfg.max_batch_bytes)
+        if not probing and self._more:
             # a full batch: more may be waiting, lease it while this one is on the wire
             self._ahead = asyncio.create_task(self._lease(self.cfg.batch_size),
                                               name="lease-ahead")

@@ -277,9 +277,16 @@ class Store:
         submitted = self._executor.submit(self._db.settle, settlement, time.time())  # in order
         fut = asyncio.ensure_future(self._translated(submitted, "settle"))
 
+        # a release, a retry, or the end of a parked message (delivered or dead) can make
+        # messages ready; the delivery of a log record cannot
+        readies = bool(settlement.release or settlement.retry or settlement.dead
+                       or (settlement.delivered and settlement.delivered[0] < 0)
+                       or any(h < 0 for h in settlement.delivered))
+
         def wake(_: asyncio.Future[None]) -> None:
-            for queue in list(self._ready):
-                self._notify(queue)
+            if readies:
+                for queue in list(self._ready):
+                    self._notify(queue)
             self._arm_sync()
 
         fut.add_done_callback(wake)
