@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import threading
 import time
@@ -86,33 +87,28 @@ class _Batch:
     last one is in. ``pending`` starts at the batch size, so it cannot reach 0 while
     records are still being handed to produce()."""
 
-    __slots__ = ("_lock", "aborted", "errors", "future", "loop", "pending")
+    __slots__ = ("_done", "aborted", "errors", "future", "last", "loop")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, size: int) -> None:
         self.loop = loop
         #: per message: None = not (yet) reported, True = delivered, else the error
         self.errors: list[Any] = [None] * size
-        self.pending = size
+        #: counts reports; next() on it is atomic, so the one that returns ``last`` is last
+        self._done = itertools.count()
+        self.last = size - 1
         self.future: asyncio.Future[None] = loop.create_future()
         #: every broker went down before all reports came in: the error for the rest
         self.aborted: QueueError | None = None
-        self._lock = threading.Lock()
 
     def report(self, index: int, err: KafkaError | None, _msg: Any) -> None:
         self.errors[index] = True if err is None else err
-        with self._lock:
-            self.pending -= 1
-            last = self.pending == 0
-        if last:
+        if next(self._done) == self.last:
             self.loop.call_soon_threadsafe(self._resolve)
 
     def failed_locally(self, index: int, error: QueueError) -> None:
         """produce() refused the record itself (event loop thread): no report will come."""
         self.errors[index] = error
-        with self._lock:
-            self.pending -= 1
-            last = self.pending == 0
-        if last:
+        if next(self._done) == self.last:
             self._resolve()
 
     def abort(self, error: QueueError) -> None:
@@ -295,7 +291,8 @@ class Publisher:
                     for j in again[again.index(i) + 1:]:
                         errors[j] = errors[i]  # keep order: nothing behind it goes now
                     break
-        return [self._result(m, e, topic) for m, e in zip(messages, errors, strict=True)]
+        return [PublishResult(m.id) if e is True else self._result(m, e, topic)
+                for m, e in zip(messages, errors, strict=True)]
 
     def _records(self, messages: Sequence[QueueMessage]) -> list[tuple[bytes | None, Headers]]:
         """(key, headers) per message; messages of one shape (same attributes but the id)
