@@ -57,46 +57,58 @@ STORED = AppendOutcome(AppendStatus.STORED)
 _SEQ_MASK = (1 << 40) - 1
 
 
+class _Ext:
+    """What a stored message knows beyond a log record's hand-out: a detached message's own
+    fields, and the caches of what was built on first use."""
+
+    __slots__ = ("attempts", "order", "priority", "qattrs", "queue", "raw_attrs", "received")
+
+    def __init__(self, order: int, received: float | None = None, queue: str = "",  # noqa: PLR0917
+                 priority: int = 0, attempts: int = 0,
+                 raw_attrs: dict[str, str] | None = None) -> None:
+        self.order = order
+        self.received = received
+        self.queue = queue
+        self.priority = priority
+        self.attempts = attempts
+        #: the attributes as stored (no id; a log record's MQTT ones rebuilt from its flags)
+        self.raw_attrs = raw_attrs
+        #: the attributes as the uplink sees them (with the id and the MQTT topic), once built
+        self.qattrs: dict[str, str] | None = None
+
+
 class StoredMessage(QueueMessage):
     """A message handed out by the store, and the QueueMessage the uplink gets: one object, its
     fields built on first use (the store alone needs none of them, an uplink those it reads).
 
     ``seq`` is the handle its settlement names: the log seq of a record in the log, or
     ``-pid`` of a parked message. ``order`` is the log seq both kinds sort by. ``shape`` (see
-    QueueMessage) is shared by the log records of a frame with the same topic and flags."""
+    QueueMessage) is shared by the log records of a frame with the same topic and flags.
+    A hand-out builds one per record with six fields set; the rest lives in ``_ext``, made
+    when first needed."""
 
-    __slots__ = ("_frame", "_id", "_index", "_qattrs", "_queue", "_raw_attrs", "_received",
-                 "attempts", "order", "payload", "priority", "seq", "topic", "until")
+    __slots__ = ("_ext", "_frame", "_id", "_index", "payload", "seq", "topic", "until")
     seq: int
-    order: int
     topic: str  # a plain field here, a property in QueueMessage
     payload: bytes
-    priority: int
-    attempts: int
     #: lease deadline (monotonic) while handed out; inf once given back
     until: float
     _frame: Frame | None
     _index: int
     _id: str | None
-    #: the attributes as stored (no id; the MQTT ones of a log record are rebuilt from flags)
-    _raw_attrs: dict[str, str] | None
-    #: the attributes as the uplink sees them (with the id and the MQTT topic), once built
-    _qattrs: dict[str, str] | None
-    _received: float | None
-    _queue: str
+    _ext: _Ext | None
 
     # positional on purpose: built once per message on the drain's hot path
     def __init__(self, seq: int, topic: str, payload: bytes, frame: Frame, index: int,  # noqa: PLR0917
                  until: float) -> None:
         """A log record: ``index`` in ``frame``, leased until ``until`` (monotonic)."""
-        self.seq = self.order = seq
+        self.seq = seq
         self.topic = topic
         self.payload = payload
         self._frame = frame
         self._index = index
         self.until = until
-        self.priority = self.attempts = 0
-        self._id = self._raw_attrs = self._qattrs = self._received = None
+        self._id = self._ext = None
 
     @classmethod
     def detached(cls, seq: int, queue: str, topic: str, payload: bytes, received_at: float, *,
@@ -105,11 +117,16 @@ class StoredMessage(QueueMessage):
         """A message that is not (or no longer) a log record: parked, or built to be."""
         msg = cls.__new__(cls)
         msg.seq, msg.topic, msg.payload = seq, topic, payload
-        msg._frame, msg._index = None, 0
-        msg.order, msg.priority, msg.attempts = order, priority, attempts
-        msg._id, msg._raw_attrs, msg._received = msg_id, attributes, received_at
-        msg._qattrs, msg._queue, msg.until = None, queue, 0.0
+        msg._frame, msg._index, msg._id, msg.until = None, 0, msg_id, 0.0
+        msg._ext = _Ext(order, received_at, queue, priority, attempts, attributes)
         return msg
+
+    @property
+    def _x(self) -> _Ext:
+        ext = self._ext
+        if ext is None:
+            ext = self._ext = _Ext(self.seq)
+        return ext
 
     # -- the QueueMessage fields ------------------------------------------------------
 
@@ -120,7 +137,7 @@ class StoredMessage(QueueMessage):
             assert frame is not None
             i = self._index
             self._id = frame.explicit_id(i) or (
-                frame.id_head(i) + hex(self.order & _SEQ_MASK)[2:].zfill(10))
+                frame.id_head(i) + hex(self.seq & _SEQ_MASK)[2:].zfill(10))
         return self._id
 
     @id.setter
@@ -138,7 +155,8 @@ class StoredMessage(QueueMessage):
     @property
     def attributes(self) -> dict[str, str]:
         """Stored attributes plus the message id and the MQTT topic, built once."""
-        attrs = self._qattrs
+        ext = self._x
+        attrs = ext.qattrs
         if attrs is None:
             frame = self._frame
             template = frame.template(self._index) if frame is not None else None
@@ -149,12 +167,12 @@ class StoredMessage(QueueMessage):
                 if self.topic:
                     attrs.setdefault(ATTR_MQTT_TOPIC, self.topic)
             attrs.setdefault(ATTR_MESSAGE_ID, self.id)
-            self._qattrs = attrs
+            ext.qattrs = attrs
         return attrs
 
     @attributes.setter
     def attributes(self, value: dict[str, str]) -> None:
-        self._qattrs = value
+        self._x.qattrs = value
 
     @property
     def timestamp(self) -> float:
@@ -162,7 +180,7 @@ class StoredMessage(QueueMessage):
 
     @timestamp.setter
     def timestamp(self, value: float) -> None:
-        self._received = value
+        self._x.received = value
 
     @property
     def retry_count(self) -> int:
@@ -170,7 +188,7 @@ class StoredMessage(QueueMessage):
 
     @retry_count.setter
     def retry_count(self, value: int) -> None:
-        self.attempts = value
+        self._x.attempts = value
 
     @property
     def raw_message(self) -> StoredMessage:
@@ -192,25 +210,44 @@ class StoredMessage(QueueMessage):
     # -- the store's own ---------------------------------------------------------------
 
     @property
+    def order(self) -> int:
+        """The log seq this message sorts by (its own seq for a log record)."""
+        ext = self._ext
+        return self.seq if ext is None else ext.order
+
+    @property
+    def priority(self) -> int:
+        ext = self._ext
+        return 0 if ext is None else ext.priority
+
+    @property
+    def attempts(self) -> int:
+        """Failed deliveries so far (a log record has none: a retried one is parked)."""
+        ext = self._ext
+        return 0 if ext is None else ext.attempts
+
+    @property
     def queue(self) -> str:
         frame = self._frame
-        return frame.queue if frame is not None else self._queue
+        return frame.queue if frame is not None else self._x.queue
 
     @property
     def received_at(self) -> float:
-        if self._received is None:
-            frame = self._frame
-            assert frame is not None
-            self._received = frame.received_ms(self._index) / 1000
-        return self._received
+        ext = self._ext
+        if ext is not None and ext.received is not None:
+            return ext.received
+        frame = self._frame
+        assert frame is not None
+        return frame.received_ms(self._index) / 1000
 
     @property
     def stored_attributes(self) -> dict[str, str]:
         """The attributes as stored: without the id (log records: MQTT ones from flags)."""
-        if self._raw_attrs is None:
+        ext = self._x
+        if ext.raw_attrs is None:
             frame = self._frame
-            self._raw_attrs = frame.attributes(self._index) if frame is not None else {}
-        return self._raw_attrs
+            ext.raw_attrs = frame.attributes(self._index) if frame is not None else {}
+        return ext.raw_attrs
 
     @property
     def size(self) -> int:
@@ -218,7 +255,7 @@ class StoredMessage(QueueMessage):
         frame = self._frame
         if frame is not None:
             return frame.size(self._index)
-        attrs = self._raw_attrs
+        attrs = self._x.raw_attrs
         return len(self.payload) + len(self.topic) + (len(orjson.dumps(attrs)) if attrs else 0)
 
     def to_queue_message(self) -> QueueMessage:
