@@ -1,0 +1,238 @@
+"""The store's SQLite layer, part 3: appending (group commits become frames; retention
+applied per newcomer; dead letters on arrival; delayed and prioritised messages parked).
+Invariant 1 of ``gateway.store.db``: the caller acknowledges only after ``append``
+returned."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Sequence
+
+from gateway.message import new_message_id
+from gateway.store import parked
+from gateway.store.core import is_disk_full
+from gateway.store.cursors import Cursor
+from gateway.store.frames import (
+    MAX_DELTA_MS,
+    Record,
+    extras_blob,
+    mqtt_attributes,
+    mqtt_flags,
+    record_size,
+)
+from gateway.store.records import (
+    STORED,
+    AppendOutcome,
+    AppendStatus,
+    NewMessage,
+    StoredMessage,
+)
+from gateway.store.retention import RetentionDb
+
+#: after a full disk refused an append, how long appends are refused without trying
+FULL_PROBE_SECONDS = 1.0
+
+
+def _full_attributes(m: NewMessage) -> dict[str, str]:
+    """A new message's attributes with the MQTT ones its flags stand for."""
+    if m.mqtt_flags < 0:
+        return dict(m.attributes)
+    return {**mqtt_attributes(m.topic, m.mqtt_flags), **m.attributes}
+
+
+
+class AppendDb(RetentionDb):
+    # -- append ------------------------------------------------------------------------
+
+    def append(self, groups: Sequence[tuple[str, Sequence[NewMessage]]]) -> list[list[AppendOutcome]]:
+        """Store every group in one durable transaction; per-message outcomes.
+
+        After SQLITE_FULL, appends are refused without touching the file for
+        ``FULL_PROBE_SECONDS`` at a time: what the disk reserve gave back is for the cursor
+        writes and the checkpoint that drain the store, not for newcomers that cannot fit."""
+        try:
+            return self._append(groups)
+        finally:
+            self._retotal()
+
+    def _append(self, groups: Sequence[tuple[str, Sequence[NewMessage]]]) -> list[list[AppendOutcome]]:
+        if time.monotonic() < self._refuse_appends_until:
+            return self._refuse_all(groups)
+        try:
+            return self._append_once(groups)
+        except sqlite3.Error as exc:
+            if not is_disk_full(exc):
+                raise
+        # The disk (or max_page_count) is full. drop_oldest: free the oldest segment, retry.
+        self.reserve.release()
+        self.checkpoint()
+        if self.limits.when_full == "drop_oldest":
+            try:
+                while self._free_oldest_segment("disk_full"):
+                    try:
+                        return self._append_once(groups)
+                    except sqlite3.Error as exc:
+                        if not is_disk_full(exc):
+                            raise
+            except sqlite3.Error as exc:
+                self._rollback()
+                if not is_disk_full(exc):
+                    raise
+        self._refuse_appends_until = time.monotonic() + FULL_PROBE_SECONDS
+        out = self._refuse_all(groups)
+        self._save_counters()
+        return out
+
+    def _refuse_all(self, groups: Sequence[tuple[str, Sequence[NewMessage]]]) -> list[list[AppendOutcome]]:
+        return [[self._drop_unsaved(q, "disk_full") for _ in msgs] for q, msgs in groups]
+
+    def _drop_unsaved(self, queue: str, reason: str) -> AppendOutcome:
+        self._unsaved[(queue, f"dropped:{reason}")] += 1
+        return AppendOutcome(AppendStatus.DROPPED, reason)
+
+    def _append_once(self, groups: Sequence[tuple[str, Sequence[NewMessage]]]) -> list[list[AppendOutcome]]:
+        log = self._log
+        snap = log.snapshot()
+        cursors_before = set(self.cursors)
+        self._begin(durable=True)
+        try:
+            out = [self._append_group(queue, msgs) for queue, msgs in groups]
+            self._trim_dead()
+            self._commit()
+        except BaseException:
+            self._rollback()
+            log.restore(snap)
+            for name in set(self.cursors) - cursors_before:
+                del self.cursors[name]
+            self._load_parked()
+            self._load_dead()
+            raise
+        return out
+
+    def _append_group(self, queue: str, msgs: Sequence[NewMessage]) -> list[AppendOutcome]:
+        cur = self._cursor_for(queue)
+        log = self._log
+        outcomes: list[AppendOutcome] = []
+        records: list[Record] = []
+        sizes: list[int] = []
+        count, nbytes = self._live()
+        max_count, max_bytes = self.limits.max_messages, self.limits.max_bytes
+        now = time.time()
+        lo = hi = 0
+        for m in msgs:
+            attrs: dict[str, str] | None = m.attributes
+            flags = m.mqtt_flags
+            if flags < 0:
+                flags, attrs = mqtt_flags(attrs) if attrs else (0, None)
+            extras = extras_blob(m.id, attrs) if m.id or attrs else b""
+            topic, payload = m.topic, m.payload
+            size = (len(payload) + len(topic) if not extras
+                    else record_size(topic, len(payload), extras))
+            if m.dead_letter_reason is not None:
+                self._dead_on_arrival(queue, m, size)
+                outcomes.append(AppendOutcome(AppendStatus.DEAD_LETTERED, m.dead_letter_reason))
+                continue
+            if count + 1 > max_count or nbytes + size > max_bytes:
+                refused = self._make_room(queue, size, count, nbytes, pending=records,
+                                          pending_sizes=sizes)
+                if refused is not None:
+                    outcomes.append(refused)
+                    continue
+                if not records:  # _make_room wrote them and dropped older messages
+                    count, nbytes = self._live()
+            count += 1
+            nbytes += size
+            outcomes.append(STORED)
+            if m.priority or m.delay_seconds > 0:
+                self._park_new(cur, m, log.head_seq + len(records), now)
+                continue
+            ms = int(m.received_at * 1000)
+            if not records:
+                lo = hi = ms
+            elif ms < lo or ms > hi:
+                lo, hi = min(lo, ms), max(hi, ms)
+                if hi - lo > MAX_DELTA_MS:  # a frame spans at most 49 days
+                    self._write_frame(cur, records, sizes)
+                    lo = hi = ms
+            records.append(Record(topic, payload, ms, flags, extras))
+            sizes.append(size)
+        self._write_frame(cur, records, sizes)
+        return outcomes
+
+    def _write_frame(self, cur: Cursor, records: list[Record], sizes: list[int]) -> None:
+        if not records:
+            return
+        log = self._log
+        if cur.frame is None and cur.read_seq == log.head_seq and not cur.outstanding:
+            cur.read_pos, cur.read_cum = log.head_pos, log.head_cum  # caught up: follow the head
+        log.append(records, cur.qid, sum(sizes))
+        records.clear()
+        sizes.clear()
+
+    def _cursor_for(self, queue: str) -> Cursor:
+        """The queue's cursor, created at the head (in the caller's transaction) when new."""
+        cur = self.cursors.get(queue)
+        if cur is not None:
+            return cur
+        c, log = self._c, self._log
+        qid = self.qids.get(queue)
+        if qid is None:
+            row = c.execute("INSERT INTO queues(name) VALUES (?) RETURNING qid", (queue,)).fetchone()
+            qid = self.qids[queue] = int(row[0])
+        c.execute("INSERT OR REPLACE INTO cursors(name, queue, seq, pos, updated_at) "
+                  "VALUES (?, ?, ?, ?, ?)", (queue, queue, log.head_seq, log.head_pos, time.time()))
+        cur = self.cursors[queue] = Cursor(queue, queue, qid, log.head_seq, log.head_pos,
+                                           prefix=self.id_prefix)
+        cur.read_cum = log.head_cum
+        return cur
+
+    def _dead_on_arrival(self, queue: str, m: NewMessage, size: int) -> None:
+        msg = StoredMessage.detached(0, queue, m.topic, m.payload, m.received_at, order=0,
+                                     priority=m.priority, attempts=0,
+                                     msg_id=m.id or new_message_id(m.received_at),
+                                     attributes=_full_attributes(m))
+        parked.insert_dead(self._c, queue, msg, 0, m.dead_letter_reason or "", now=time.time())
+        self.dead_count += 1
+        self.dead_bytes += size
+        self._bump(queue, "dead_lettered_total")
+
+    def _park_new(self, cur: Cursor, m: NewMessage, order: int, now: float) -> None:
+        """A delayed or prioritised message waits in ``parked``, outside any topic chain."""
+        msg = StoredMessage.detached(0, cur.queue, m.topic, m.payload, m.received_at,
+                                     order=order, priority=m.priority, attempts=0,
+                                     msg_id=m.id or new_message_id(m.received_at),
+                                     attributes=_full_attributes(m))
+        not_before = m.received_at + m.delay_seconds if m.delay_seconds > 0 else 0.0
+        n, size = parked.park(self._c, cur.name, [parked.ParkedRow(msg, 0, not_before, 0)])
+        cur.parked_count += n
+        cur.parked_bytes += size
+
+    def _make_room(self, queue: str, size: int, count: int, nbytes: int, *,
+                   pending: list[Record], pending_sizes: list[int]) -> AppendOutcome | None:
+        """Apply retention for one newcomer of ``size`` bytes; None when it may be stored.
+        ``pending`` holds this group's records not written yet: they go before older
+        messages can be dropped, so the oldest really go first."""
+        lim = self.limits
+        if size > lim.max_bytes:
+            self._bump(queue, "dropped:max_bytes")
+            return AppendOutcome(AppendStatus.DROPPED, "max_bytes")
+        if count + 1 <= lim.max_messages and nbytes + size <= lim.max_bytes:
+            return None
+        reason = "max_messages" if count + 1 > lim.max_messages else "max_bytes"
+        if lim.when_full == "reject_new":
+            self._bump(queue, f"dropped:{reason}")
+            return AppendOutcome(AppendStatus.DROPPED, reason)
+        cur = self.cursors[queue]
+        self._write_frame(cur, pending, pending_sizes)
+        while True:
+            count, nbytes = self._live()
+            over = count + 1 - lim.max_messages
+            if over <= 0 and nbytes + size <= lim.max_bytes:
+                return None
+            # the oldest first: as many as the count needs (at least 16 at a time, so a full
+            # store does not pay a drop per newcomer), a whole frame when bytes are short
+            if not self._drop_oldest_frame(reason, at_most=max(over, 16) if nbytes + size
+                                           <= lim.max_bytes else None):
+                return None  # nothing left to drop but parked messages: store it anyway
+
