@@ -5,6 +5,7 @@ returned."""
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import time
 from collections.abc import Sequence
@@ -23,12 +24,15 @@ from gateway.store.frames import (
 )
 from gateway.store.records import (
     STORED,
+    UNROUTED,
     AppendOutcome,
     AppendStatus,
     NewMessage,
     StoredMessage,
 )
 from gateway.store.retention import RetentionDb
+
+log = logging.getLogger("gateway.store")
 
 #: after a full disk refused an append, how long appends are refused without trying
 FULL_PROBE_SECONDS = 1.0
@@ -111,7 +115,8 @@ class AppendDb(RetentionDb):
         return out
 
     def _append_group(self, queue: str, msgs: Sequence[NewMessage]) -> list[AppendOutcome]:
-        cur = self._cursor_for(queue)
+        qid, cursors = self._queue_cursors(queue)
+        filtered = any(c.topics for c in cursors)
         log = self._log
         outcomes: list[AppendOutcome] = []
         records: list[Record] = []
@@ -133,9 +138,14 @@ class AppendDb(RetentionDb):
                 self._dead_on_arrival(queue, m, size)
                 outcomes.append(AppendOutcome(AppendStatus.DEAD_LETTERED, m.dead_letter_reason))
                 continue
+            takers = [c for c in cursors if c.routes(topic)] if filtered else cursors
+            if not takers:  # no destination takes this topic: nothing to keep
+                self._unrouted(queue, topic)
+                outcomes.append(UNROUTED)
+                continue
             if count + 1 > max_count or nbytes + size > max_bytes:
-                refused = self._make_room(queue, size, count, nbytes, pending=records,
-                                          pending_sizes=sizes)
+                refused = self._make_room(qid, cursors, takers, size, count, nbytes,
+                                          pending=records, pending_sizes=sizes)
                 if refused is not None:
                     outcomes.append(refused)
                     continue
@@ -145,7 +155,8 @@ class AppendDb(RetentionDb):
             nbytes += size
             outcomes.append(STORED)
             if m.priority or m.delay_seconds > 0:
-                self._park_new(cur, m, log.head_seq + len(records), now)
+                for cur in takers:
+                    self._park_new(cur, m, log.head_seq + len(records), now)
                 continue
             ms = int(m.received_at * 1000)
             if not records:
@@ -153,39 +164,76 @@ class AppendDb(RetentionDb):
             elif ms < lo or ms > hi:
                 lo, hi = min(lo, ms), max(hi, ms)
                 if hi - lo > MAX_DELTA_MS:  # a frame spans at most 49 days
-                    self._write_frame(cur, records, sizes)
+                    self._write_frame(qid, cursors, records, sizes)
                     lo = hi = ms
             records.append(Record(topic, payload, ms, flags, extras))
             sizes.append(size)
-        self._write_frame(cur, records, sizes)
+        self._write_frame(qid, cursors, records, sizes)
         return outcomes
 
-    def _write_frame(self, cur: Cursor, records: list[Record], sizes: list[int]) -> None:
+    def _write_frame(self, qid: int, cursors: list[Cursor], records: list[Record],
+                     sizes: list[int]) -> None:
+        """Append ``records`` as one frame of queue ``qid``; ``cursors`` (the queue's) learn
+        how many of them are theirs."""
         if not records:
             return
         log = self._log
-        if cur.frame is None and cur.read_seq == log.head_seq and not cur.outstanding:
-            cur.read_pos, cur.read_cum = log.head_pos, log.head_cum  # caught up: follow the head
-        log.append(records, cur.qid, sum(sizes))
+        for cur in cursors:
+            if cur.frame is None and cur.read_seq == log.head_seq and not cur.outstanding:
+                cur.read_pos, cur.read_cum = log.head_pos, log.head_cum  # caught up: follow
+            cur.backlog += (len(records) if not cur.topics
+                            else sum(1 for r in records if cur.routes(r.topic)))
+        log.append(records, qid, sum(sizes))
         records.clear()
         sizes.clear()
 
-    def _cursor_for(self, queue: str) -> Cursor:
-        """The queue's cursor, created at the head (in the caller's transaction) when new."""
-        cur = self.cursors.get(queue)
-        if cur is not None:
-            return cur
-        c, log = self._c, self._log
+    def _queue_cursors(self, queue: str) -> tuple[int, list[Cursor]]:
+        """The queue's id and cursors. A queue whose destinations were registered
+        (``register``) has exactly those; any other gets one cursor named like it, created
+        at the head (in the caller's transaction) on its first message."""
+        if queue in self.registered:
+            return self.qids[queue], [c for c in self.cursors.values() if c.queue == queue]
+        return self._qid(queue), [self._cursor_for(queue)]
+
+    def _qid(self, queue: str) -> int:
         qid = self.qids.get(queue)
         if qid is None:
-            row = c.execute("INSERT INTO queues(name) VALUES (?) RETURNING qid", (queue,)).fetchone()
+            row = self._c.execute("INSERT INTO queues(name) VALUES (?) RETURNING qid",
+                                  (queue,)).fetchone()
             qid = self.qids[queue] = int(row[0])
-        c.execute("INSERT OR REPLACE INTO cursors(name, queue, seq, pos, updated_at) "
-                  "VALUES (?, ?, ?, ?, ?)", (queue, queue, log.head_seq, log.head_pos, time.time()))
-        cur = self.cursors[queue] = Cursor(queue, queue, qid, log.head_seq, log.head_pos,
-                                           prefix=self.id_prefix)
+        return qid
+
+    def _cursor_for(self, queue: str, name: str | None = None) -> Cursor:
+        """The cursor ``name`` (default: the queue's name) of ``queue``, created at the head
+        (in the caller's transaction) when new."""
+        name = name or queue
+        cur = self.cursors.get(name)
+        if cur is not None:
+            return cur
+        log = self._log
+        qid = self._qid(queue)
+        self._c.execute("INSERT OR REPLACE INTO cursors(name, queue, seq, pos, updated_at) "
+                        "VALUES (?, ?, ?, ?, ?)",
+                        (name, queue, log.head_seq, log.head_pos, time.time()))
+        cur = self.cursors[name] = Cursor(name, queue, qid, log.head_seq, log.head_pos,
+                                          prefix=self.id_prefix)
         cur.read_cum = log.head_cum
         return cur
+
+    def _unrouted(self, queue: str, topic: str) -> None:
+        """A message no destination takes: acknowledged, not kept, counted (and logged once
+        per topic, a few topics at most)."""
+        self._unsaved[(queue, "unrouted")] += 1
+        if len(self._unrouted_topics) < 32 and topic not in self._unrouted_topics:
+            self._unrouted_topics.add(topic)
+            log.warning("messages on %r match no uplink's topics: acknowledged and not kept "
+                        "(counted as unrouted; ingress.subscriptions or uplinks.*.topics)",
+                        topic)
+
+    def _refuse(self, takers: list[Cursor], reason: str) -> AppendOutcome:
+        for cur in takers:
+            self._bump(cur.name, f"dropped:{reason}")
+        return AppendOutcome(AppendStatus.DROPPED, reason)
 
     def _dead_on_arrival(self, queue: str, m: NewMessage, size: int) -> None:
         msg = StoredMessage.detached(0, queue, m.topic, m.payload, m.received_at, order=0,
@@ -208,23 +256,22 @@ class AppendDb(RetentionDb):
         cur.parked_count += n
         cur.parked_bytes += size
 
-    def _make_room(self, queue: str, size: int, count: int, nbytes: int, *,
-                   pending: list[Record], pending_sizes: list[int]) -> AppendOutcome | None:
-        """Apply retention for one newcomer of ``size`` bytes; None when it may be stored.
+    def _make_room(self, qid: int, cursors: list[Cursor], takers: list[Cursor], size: int,  # noqa: PLR0917
+                   count: int, nbytes: int, *, pending: list[Record],
+                   pending_sizes: list[int]) -> AppendOutcome | None:
+        """Apply retention for one newcomer of ``size`` bytes, routed to ``takers``; None when
+        it may be stored. A refusal is counted for each taker (they never got it).
         ``pending`` holds this group's records not written yet: they go before older
         messages can be dropped, so the oldest really go first."""
         lim = self.limits
         if size > lim.max_bytes:
-            self._bump(queue, "dropped:max_bytes")
-            return AppendOutcome(AppendStatus.DROPPED, "max_bytes")
+            return self._refuse(takers, "max_bytes")
         if count + 1 <= lim.max_messages and nbytes + size <= lim.max_bytes:
             return None
         reason = "max_messages" if count + 1 > lim.max_messages else "max_bytes"
         if lim.when_full == "reject_new":
-            self._bump(queue, f"dropped:{reason}")
-            return AppendOutcome(AppendStatus.DROPPED, reason)
-        cur = self.cursors[queue]
-        self._write_frame(cur, pending, pending_sizes)
+            return self._refuse(takers, reason)
+        self._write_frame(qid, cursors, pending, pending_sizes)
         while True:
             count, nbytes = self._live()
             over = count + 1 - lim.max_messages

@@ -18,11 +18,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import orjson
+
 from gateway.config import StoreConfig
 from gateway.store import parked
 from gateway.store.cursors import Cursor
+from gateway.store.frames import Frame
 from gateway.store.leases import Leases
-from gateway.store.log import Log
+from gateway.store.log import Chunk, Log
 from gateway.store.reserve import RESERVE_BYTES, DiskReserve
 from gateway.store.segments import SegmentIo
 
@@ -40,7 +43,8 @@ CREATE TABLE IF NOT EXISTS cursors(
     queue TEXT NOT NULL,
     seq INTEGER NOT NULL,
     pos INTEGER NOT NULL,
-    updated_at REAL NOT NULL DEFAULT 0
+    updated_at REAL NOT NULL DEFAULT 0,
+    topics TEXT NOT NULL DEFAULT ''   -- JSON list of MQTT filters ('' = every record)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS counters(
     queue TEXT NOT NULL,
@@ -122,6 +126,9 @@ class CoreDb:
         self.clean_start = True
         #: (messages, counted bytes) held, as of the last operation (read by other threads)
         self.totals = (0, 0)
+        #: queues whose destinations were registered: they have exactly those cursors
+        self.registered: set[str] = set()
+        self._unrouted_topics: set[str] = set()
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -221,9 +228,11 @@ class CoreDb:
         self.clean_start = str(meta.get("clean_stop", "1")) == "1"
         self.qids = {name: qid for qid, name in c.execute("SELECT qid, name FROM queues")}
         self.cursors = {}
-        for name, queue, seq, pos in c.execute("SELECT name, queue, seq, pos FROM cursors"):
-            self.cursors[name] = Cursor(name, queue, self.qids.get(queue, -1), seq, pos,
-                                        prefix=self.id_prefix)
+        for name, queue, seq, pos, topics in c.execute(
+                "SELECT name, queue, seq, pos, topics FROM cursors"):
+            cur = self.cursors[name] = Cursor(name, queue, self.qids.get(queue, -1), seq, pos,
+                                              prefix=self.id_prefix)
+            cur.route(tuple(orjson.loads(topics)) if topics else ())
         self._load_parked()
         self._load_dead()
         self.log = Log(SegmentIo(c), self._segment_bytes(), self.limits.compression == "zlib")
@@ -253,8 +262,9 @@ class CoreDb:
         window: Counter[str] = Counter()
         for cur in self.cursors.values():
             cur.position(log, self._on_loss)
+            cur.backlog = self._scan_backlog(cur, cur.read_seq, cur.read_pos)
             if not self.clean_start:
-                window[cur.queue] += min(max(0, log.head_seq - cur.saved_seq),
+                window[cur.name] += min(max(0, log.head_seq - cur.saved_seq),
                                          self.limits.cursor_sync_messages)
         self._begin(durable=False)
         for queue, n in window.items():
@@ -262,6 +272,24 @@ class CoreDb:
         self._c.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('clean_stop', 0)")
         self._commit()
         self._retotal()
+
+    def _scan_backlog(self, cur: Cursor, seq: int, pos: int) -> int:
+        """Records of ``cur``'s queue routed to it from ``seq`` (in the frame at ``pos``) to
+        the head: arithmetic for a store of one queue and a cursor that takes everything,
+        otherwise a read of every frame from there (at start, and for ``status``)."""
+        log = self._log
+        if not cur.topics and len(self.qids) <= 1:
+            return max(0, log.head_seq - seq)
+        n, chunk = 0, Chunk()
+        while True:
+            found, _ = log.frame_at(pos, chunk)
+            if found is None:
+                return n
+            h = found.header
+            if h.qid == cur.qid and h.next_seq > seq:
+                n += (cur.routed_in(found, seq, h.next_seq) if isinstance(found, Frame)
+                      else h.next_seq - max(seq, h.first_seq))
+            pos = h.end
 
     def close(self) -> None:
         if self.conn is not None:
@@ -348,7 +376,7 @@ class CoreDb:
     def _on_loss(self, cur: Cursor, n: int) -> None:
         """Records a reader found damaged or missing: counted, never silently skipped."""
         if n > 0:
-            self._unsaved[(cur.queue, "dropped:corrupt")] += n
+            self._unsaved[(cur.name, "dropped:corrupt")] += n
 
     # -- totals ------------------------------------------------------------------------
 
@@ -405,7 +433,7 @@ class CoreDb:
                 seq, pos, _ = marks[cur.name] = cur.watermark()
                 self._c.execute("UPDATE cursors SET seq = ?, pos = ?, updated_at = ? "
                                 "WHERE name = ?", (seq, pos, now, cur.name))
-                self._bump(cur.queue, "delivered_total", cur.delivered_unsaved)
+                self._bump(cur.name, "delivered_total", cur.delivered_unsaved)
             tail = min((marks[c.name][1] if c.name in marks else c.saved_pos)
                        for c in self.cursors.values())
             doomed = self._log.free_upto(tail)

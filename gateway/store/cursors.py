@@ -16,6 +16,9 @@ Invariants:
 - Records are handed out in seq order; a released record goes back in front, in seq order.
 - A record whose topic has a parked chain is not handed out: ``pull`` returns it separately so
   the caller parks it (invariant 6).
+- A cursor with ``topics`` (MQTT filters: the uplink's routes) hands out only the records
+  whose topic matches one; the others it passes as settled, for this destination they do
+  not exist. ``backlog`` counts the routed records at or after ``read_seq``.
 """
 
 from __future__ import annotations
@@ -27,11 +30,14 @@ from collections.abc import Callable
 from gateway.store.frames import Frame
 from gateway.store.log import Chunk, Damaged, Log
 from gateway.store.records import StoredMessage
+from gateway.topics import topic_matches
 
 #: called with (cursor, count) for records lost to damage, so the caller can count them
 OnLoss = Callable[["Cursor", int], None]
 #: ``until`` of a record given back: not leased, so never expired
 _RELEASED = float("inf")
+#: topics whose routing a cursor remembers
+_ROUTE_CACHE = 8192
 
 
 class Cursor:
@@ -60,6 +66,40 @@ class Cursor:
         self.parked_count = 0
         self.parked_bytes = 0
         self.chains: dict[str, int] = {}
+        #: MQTT topic filters of the records this cursor takes; () = every record
+        self.topics: tuple[str, ...] = ()
+        self._routes: dict[str, bool] = {}
+        #: failed deliveries before a message is dead-lettered; 0 = store.max_attempts
+        self.max_attempts = 0
+        #: records routed here at or after ``read_seq`` (not handed out yet)
+        self.backlog = 0
+
+    def route(self, topics: tuple[str, ...]) -> None:
+        """Take only records whose topic matches one of ``topics`` (() = all of them)."""
+        self.topics = topics
+        self._routes.clear()
+
+    def routes(self, topic: str) -> bool:
+        """Whether a record of ``topic`` is for this cursor (cached per topic)."""
+        if not self.topics:
+            return True
+        routed = self._routes.get(topic)
+        if routed is None:
+            if len(self._routes) >= _ROUTE_CACHE:
+                self._routes.clear()
+            routed = self._routes[topic] = any(topic_matches(f, topic) for f in self.topics)
+        return routed
+
+    def routed_in(self, frame: Frame, lo: int, hi: int) -> int:
+        """How many of ``frame``'s records with seqs in [lo, hi) are for this cursor."""
+        first = frame.header.first_seq
+        lo, hi = max(lo, first) - first, min(hi, frame.header.next_seq) - first
+        if hi <= lo:
+            return 0
+        if not self.topics:
+            return hi - lo
+        topics, idx, routes = frame.topics, frame.topic_idx, self.routes
+        return sum(1 for k in range(lo, hi) if routes(topics[idx[k]]))
 
     # -- position ----------------------------------------------------------------------
 
@@ -91,23 +131,29 @@ class Cursor:
             if found is None:
                 self.frame, self.read_pos = None, at
                 if self.read_seq < log.head_seq:  # records vanished (damage): skip them
-                    on_loss(self, log.head_seq - self.read_seq)
+                    self._lost(on_loss, log.head_seq - self.read_seq)
                     self.read_seq = log.head_seq
                 self.read_cum = log.head_cum
                 return False
             header = found.header
             if header.first_seq > self.read_seq:  # a damaged stretch ended a segment early
-                on_loss(self, header.first_seq - self.read_seq)
+                self._lost(on_loss, header.first_seq - self.read_seq)
                 self.read_seq = header.first_seq
             if isinstance(found, Damaged) or header.qid != self.qid or header.next_seq <= self.read_seq:
                 if isinstance(found, Damaged) and header.qid == self.qid:
-                    on_loss(self, header.next_seq - max(self.read_seq, header.first_seq))
+                    self._lost(on_loss, header.next_seq - max(self.read_seq, header.first_seq))
                 self.read_seq = max(self.read_seq, header.next_seq)
                 pos = header.end
                 continue
             found.queue, found.prefix = self.queue, self.prefix
             self.frame, self.read_pos, self.read_cum = found, at, header.cum_bytes
             return True
+
+    def _lost(self, on_loss: OnLoss, n: int) -> None:
+        """Records that cannot be read (damage): counted; whose they were is unknown, so at
+        most the backlog shrinks by them."""
+        on_loss(self, min(n, self.backlog) if self.topics else n)
+        self.backlog = max(0, self.backlog - n)
 
     # -- handing out -------------------------------------------------------------------
 
@@ -149,6 +195,9 @@ class Cursor:
     def _take(self, frame: Frame, limit: int, max_bytes: int, *, until: float,
               out: list[StoredMessage], behind: list[StoredMessage], budget: list[int]) -> bool:
         """Hand out records of ``frame`` from ``read_seq``; False when the budget ran out."""
+        if self.topics:
+            return self._take_routed(frame, limit, max_bytes, until=until, out=out,
+                                     behind=behind, budget=budget)
         header = frame.header
         first = header.first_seq
         i = self.read_seq - first
@@ -173,7 +222,37 @@ class Cursor:
             outstanding.update(zip(range(first + i, first + stop), made, strict=True))
             out.extend(made)
         self.read_seq = first + stop
+        self.backlog -= stop - i
         return stop >= header.count or len(out) >= limit
+
+    def _take_routed(self, frame: Frame, limit: int, max_bytes: int, *, until: float,
+                     out: list[StoredMessage], behind: list[StoredMessage],
+                     budget: list[int]) -> bool:
+        """``_take`` for a cursor with topic filters: records of other topics are passed."""
+        header = frame.header
+        first, count = header.first_seq, header.count
+        topics, idx, body, offsets = frame.topics, frame.topic_idx, frame.body, frame.offsets
+        lengths, routes, chains = frame.lengths, self.routes, self.chains
+        k = self.read_seq - first
+        while k < count and len(out) < limit:
+            topic = topics[idx[k]]
+            if not routes(topic):
+                k += 1
+                continue
+            if max_bytes and out and budget[0] - lengths[k] < 0:
+                self.read_seq = first + k
+                return False
+            msg = StoredMessage(first + k, topic, body[offsets[k]:offsets[k + 1]], frame, k, until)
+            self.outstanding[msg.seq] = msg
+            self.backlog -= 1
+            if chains.get(topic):
+                behind.append(msg)
+            else:
+                budget[0] -= lengths[k]
+                out.append(msg)
+            k += 1
+        self.read_seq = first + k
+        return True
 
     def give_back(self, msgs: list[StoredMessage]) -> None:
         """Released records: handed out again first, in seq order; no longer leased."""
@@ -214,9 +293,11 @@ class Cursor:
     def next_expiry(self) -> float | None:
         return self.deadlines[0] if self.deadlines else None
 
-    def skip_to(self, seq: int, log: Log, on_loss: OnLoss) -> list[StoredMessage]:
-        """Retention: move past every record before ``seq``; returns the outstanding and
-        released records that were dropped with them (their settlements are ignored later)."""
+    def skip_to(self, seq: int, log: Log, on_loss: OnLoss, routed: int) -> list[StoredMessage]:
+        """Retention: move past every record before ``seq`` (``routed`` of them, not handed
+        out yet, were for this cursor); returns the outstanding and released records that
+        were dropped with them (their settlements are ignored later)."""
+        self.backlog = max(0, self.backlog - routed)
         gone = [m for s, m in self.outstanding.items() if s < seq]
         for m in gone:
             del self.outstanding[m.seq]

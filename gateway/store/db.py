@@ -28,7 +28,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sqlite3
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import orjson
 
 from gateway.store.core import (  # re-exported: the names callers import from here
     DEAD_LETTER_MAX_BYTES,
@@ -47,7 +52,18 @@ from gateway.store.records import (
     QueueStats,
 )
 
-__all__ = ["DEAD_LETTER_MAX_BYTES", "SCHEMA_VERSION", "Limits", "NewerStore", "StoreDb", "is_disk_full"]
+__all__ = ["DEAD_LETTER_MAX_BYTES", "SCHEMA_VERSION", "Destination", "Limits", "NewerStore", "StoreDb",
+           "is_disk_full"]
+
+
+@dataclass(frozen=True, slots=True)
+class Destination:
+    """One destination of a queue: an uplink, with the MQTT topic filters it takes (empty =
+    every message) and its own max_attempts (0 = store.max_attempts)."""
+
+    name: str
+    topics: tuple[str, ...] = ()
+    max_attempts: int = 0
 
 
 class StoreDb(DeliveryDb):
@@ -64,21 +80,53 @@ class StoreDb(DeliveryDb):
     # -- queue management and stats -----------------------------------------------------
 
     def _depth(self, cur: Cursor) -> int:
-        """Messages of ``cur``'s queue from its watermark to the head, plus its parked ones."""
-        log = self._log
-        seq = cur.watermark()[0] if self.owner else cur.saved_seq
-        if len(self.qids) <= 1:
-            return max(0, log.head_seq - seq) + cur.parked_count
-        n, pos, chunk = 0, cur.watermark()[1] if self.owner else cur.saved_pos, Chunk()
-        while True:
-            found, _ = log.frame_at(pos, chunk)
-            if found is None:
-                break
-            h = found.header
-            if h.qid == cur.qid and h.next_seq > seq:
-                n += h.next_seq - max(seq, h.first_seq)
-            pos = h.end
-        return n + cur.parked_count
+        """Messages for ``cur``: routed to it from its watermark to the head (not handed out,
+        or handed out and not settled), plus its parked ones."""
+        if self.owner:
+            return cur.backlog + len(cur.outstanding) + cur.parked_count
+        return self._scan_backlog(cur, cur.saved_seq, cur.saved_pos) + cur.parked_count
+
+    def register(self, queue: str, destinations: Sequence[Destination]) -> list[str]:
+        """Make ``destinations`` the queue's cursors, exactly: each keeps its cursor or gets
+        one at the head (a new uplink takes what arrives from now on), with its topic filter
+        and attempts. The queue's other cursors (uplinks no longer configured) are removed and
+        what they had not delivered counted as ``dropped:uplink_removed``; returns their
+        names. A reader (``status``) only learns the filters."""
+        names = {d.name for d in destinations}
+        removed = [c for c in self.cursors.values() if c.queue == queue and c.name not in names]
+        if self.owner:
+            self._begin(durable=False)
+            try:
+                for d in destinations:
+                    self._cursor_for(queue, d.name)
+                    self._c.execute("UPDATE cursors SET topics = ? WHERE name = ?",
+                                    (orjson.dumps(list(d.topics)).decode() if d.topics else "",
+                                     d.name))
+                for c in removed:
+                    self._bump(c.name, "dropped:uplink_removed", self._depth(c))
+                    self._c.execute("DELETE FROM cursors WHERE name = ?", (c.name,))
+                    self._c.execute("DELETE FROM parked WHERE cursor = ?", (c.name,))
+                self._commit()
+            except BaseException:
+                self._rollback()
+                raise
+            for c in removed:
+                del self.cursors[c.name]
+                self.leases.drop_queue(c.name)
+            self.registered.add(queue)
+        for d in destinations:
+            cur = self.cursors.get(d.name)
+            if cur is None:
+                continue
+            if cur.queue != queue:
+                raise sqlite3.IntegrityError(f"{d.name!r} is the cursor of queue {cur.queue!r}, "
+                                             f"not of {queue!r}")
+            cur.route(tuple(d.topics))
+            cur.max_attempts = d.max_attempts
+            if self.owner:
+                cur.backlog = self._scan_backlog(cur, cur.read_seq, cur.read_pos)
+        self._retotal()
+        return [c.name for c in removed]
 
     def depth(self, queue: str) -> int:
         cur = self.cursors.get(queue)
@@ -90,7 +138,7 @@ class StoreDb(DeliveryDb):
             return 0
         n = self._depth(cur)
         log = self._log
-        gone = cur.skip_to(log.head_seq, log, self._on_loss)
+        gone = cur.skip_to(log.head_seq, log, self._on_loss, cur.backlog)
         self.leases.drop_queue(cur.name)
         del gone
         self._begin(durable=False)

@@ -173,7 +173,7 @@ class DeliveryDb(AppendDb):
                 attempts = self._attempts(h)
                 if attempts is None:
                     continue
-                if attempts + 1 >= self.limits.max_attempts:
+                if attempts + 1 >= self._max_attempts(h):
                     dead.append((h, f"gave up after {attempts + 1} attempts: {error}"))
                 elif h < 0:
                     retry_pids.append((-h, now + delay, error))
@@ -193,6 +193,11 @@ class DeliveryDb(AppendDb):
         for cur, h in settled_log:
             cur.settle(h)
 
+    def _max_attempts(self, handle: int) -> int:
+        """The destination's own limit (its uplink's max_attempts), else the store's."""
+        owner = self._owner_of(handle)
+        return (owner.max_attempts if owner is not None else 0) or self.limits.max_attempts
+
     def _attempts(self, handle: int) -> int | None:
         if handle < 0:
             return parked.attempts_of(self._c, -handle)
@@ -210,8 +215,7 @@ class DeliveryDb(AppendDb):
                 if row is None:
                     continue
                 name = row[0]
-                cur = self.cursors.get(name)
-                queue = cur.queue if cur is not None else name
+                queue = name  # dead letters and their counters are the destination's
                 msg = StoredMessage.detached(h, queue, row[3], row[4], row[7], order=row[1],
                                              priority=row[6], attempts=row[8], msg_id=row[2],
                                              attributes=parked._attrs(row[5]))
@@ -221,7 +225,7 @@ class DeliveryDb(AppendDb):
                 cur = self._owner_of(h)
                 if cur is None or h not in cur.outstanding:
                     continue
-                msg, queue, attempts = cur.outstanding[h], cur.queue, 0
+                msg, queue, attempts = cur.outstanding[h], cur.name, 0
                 settled.append((cur, h))
             size = parked.insert_dead(c, queue, msg, attempts, reason, now=now)
             self.dead_count += 1

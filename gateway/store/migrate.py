@@ -111,8 +111,9 @@ def _move(db: StoreDb, rows: list[tuple[Any, ...]]) -> None:
         extras = extras_blob(msg_id, rest)
         ms = int(received_at * 1000)
         if records and abs(records[0].received_ms - ms) > MAX_DELTA_MS // 2:
-            db._write_frame(cur, records, sizes)
+            db._write_frame(cur.qid, [cur], records, sizes)
         records.append(Record(topic, payload, ms, flags, extras))
         sizes.append(record_size(topic, len(payload), extras))
     for queue, (records, sizes) in pending.items():
-        db._write_frame(db.cursors[queue], records, sizes)
+        cur = db.cursors[queue]
+        db._write_frame(cur.qid, [cur], records, sizes)

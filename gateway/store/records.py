@@ -37,6 +37,8 @@ class AppendStatus(enum.Enum):
     STORED = "stored"
     DEAD_LETTERED = "dead_lettered"
     DROPPED = "dropped"
+    #: no destination's topics match: acknowledged, not kept, counted as ``unrouted``
+    UNROUTED = "unrouted"
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +53,7 @@ class AppendOutcome:
 
 
 STORED = AppendOutcome(AppendStatus.STORED)
+UNROUTED = AppendOutcome(AppendStatus.UNROUTED, "no uplink takes this topic")
 
 
 #: the derived id: received milliseconds, the store's id prefix, the seq (docs/architecture.md)

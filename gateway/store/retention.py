@@ -62,15 +62,21 @@ class RetentionDb(CoreDb):
         if at_most is not None:
             target = min(target, seq + at_most)
         for cur in self.cursors.values():
-            self._skip(cur, header.qid, header.first_seq, target, reason)
+            self._skip(cur, found, target, reason)
         return target - seq
 
-    def _skip(self, cur: Cursor, qid: int, first: int, target: int, reason: str) -> None:
+    def _skip(self, cur: Cursor, frame: Frame | Damaged, target: int, reason: str) -> None:
+        """Move ``cur`` past ``frame``'s records before ``target``, counting what it had not
+        settled of the records routed to it (a damaged frame's: all of its queue's)."""
         if cur.watermark()[0] >= target:
             return
-        lost = max(0, target - max(cur.read_seq, first)) if qid == cur.qid else 0
-        gone = cur.skip_to(target, self._log, self._on_loss)
-        self._unsaved[(cur.queue, f"dropped:{reason}")] += lost + len(gone)
+        header = frame.header
+        routed = 0
+        if header.qid == cur.qid and target > cur.read_seq:
+            routed = (cur.routed_in(frame, cur.read_seq, target) if isinstance(frame, Frame)
+                      else target - max(cur.read_seq, header.first_seq))
+        gone = cur.skip_to(target, self._log, self._on_loss, routed)
+        self._unsaved[(cur.name, f"dropped:{reason}")] += routed + len(gone)
 
     def _free_oldest_segment(self, reason: str) -> bool:
         """Disk full: move every cursor past the oldest segment, persist them and free it.

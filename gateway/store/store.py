@@ -36,7 +36,7 @@ from typing import IO, TypeVar
 from gateway.aio import wait_event
 from gateway.config import StoreConfig
 from gateway.errors import StoreError
-from gateway.store.db import Limits, StoreDb, is_disk_full
+from gateway.store.db import Destination, Limits, StoreDb, is_disk_full
 from gateway.store.lane import Lane
 from gateway.store.records import (
     AppendOutcome,
@@ -247,6 +247,10 @@ class Store:
         return await self._run(self._db.lease, queue, limit,
                                self.cfg.lease if lease_seconds is None else lease_seconds,
                                time.time(), max_bytes)
+
+    async def register(self, queue: str, destinations: Sequence[Destination]) -> list[str]:
+        """The queue's destinations (uplinks), exactly; see ``StoreDb.register``."""
+        return await self._run(self._db.register, queue, destinations)
 
     def wake(self, queue: str) -> None:
         """End a ``wait_ready`` of ``queue`` now (the forwarder is stopping)."""
