@@ -181,6 +181,26 @@ def test_packaging_scripts_pass_shellcheck() -> None:
     assert done.returncode == 0, done.stdout + done.stderr
 
 
+def _root_script(argv: list[str], timeout: float,
+                 env: dict[str, str] | None = None) -> tuple[int, str, float]:
+    """Run one of the arm64 scripts (root, qemu): (exit code, output, seconds). Exit code 3
+    (this machine cannot run arm64 binaries) skips locally and fails in CI."""
+    start = time.monotonic()
+    proc = subprocess.Popen(["bash", *argv], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            env={**os.environ, **(env or {})})
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        # The scripts unmount on TERM; a KILL would leave /proc mounted in a root.
+        os.killpg(proc.pid, signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+        pytest.fail(f"{argv[0]} timed out:\n{out[-4000:]}")
+    if proc.returncode == 3:
+        _skip_or_fail(f"this machine cannot run arm64 binaries (binfmt_misc/qemu):\n{out[-2000:]}")
+    return proc.returncode, out, time.monotonic() - start
+
+
 @pytest.mark.timeout(1500)
 def test_arm64_package_installs_and_runs_under_emulation(tmp_path: Path) -> None:
     """A fresh root costs a debootstrap (about 2-3 minutes here); the cached one about 1 minute."""
@@ -190,23 +210,10 @@ def test_arm64_package_installs_and_runs_under_emulation(tmp_path: Path) -> None
         _skip_or_fail("needs a Debian host (apt-get, debootstrap)")
     deb, build_seconds = _build("arm64", tmp_path / "dist")
     assert _fields(deb)["Architecture"] == "arm64"
-    start = time.monotonic()
-    proc = subprocess.Popen(["bash", "packaging/check-arm64.sh", str(deb)], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=1400)
-    except subprocess.TimeoutExpired:
-        # The script unmounts on TERM; a KILL would leave /proc mounted in its root.
-        os.killpg(proc.pid, signal.SIGTERM)
-        out, _ = proc.communicate(timeout=60)
-        pytest.fail(f"check-arm64.sh timed out:\n{out[-4000:]}")
-    seconds = time.monotonic() - start
+    returncode, out, seconds = _root_script(["packaging/check-arm64.sh", str(deb)], timeout=1400)
     print(f"arm64 package built in {build_seconds:.1f}s, checked in {seconds:.1f}s")
     print(out[-3000:])
-    if proc.returncode == 3:
-        _skip_or_fail(f"this machine cannot run arm64 binaries (binfmt_misc/qemu):\n{out[-2000:]}")
-    assert proc.returncode == 0, out[-6000:]
+    assert returncode == 0, out[-6000:]
     assert "uname -m in the root: aarch64" in out
     assert re.search(r"python3: ELF 64-bit LSB .*ARM aarch64", out)
     assert "ok: orjson extension is aarch64" in out
