@@ -4,7 +4,8 @@
 # it there:  sudo packaging/check-arm64.sh [path/to/openhqm-gateway_*_arm64.deb]
 # Without a .deb it builds one (packaging/build-deb.sh arm64). Needs root (debootstrap, chroot,
 # mounts). The debootstrapped root is cached as .cache/arm64-root/*.tar (ARM64_ROOT_CACHE
-# overrides the directory); the package is always installed into a fresh copy of it.
+# overrides the directory; packaging/arm64-root.sh); the package is always installed into a
+# fresh copy of it.
 # Exit codes: 0 checked, 1 a check failed, 3 this machine cannot emulate arm64 (binfmt_misc).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,11 +15,7 @@ if [ "$(id -u)" != 0 ]; then
   echo "check-arm64.sh must run as root (debootstrap, chroot, mount)" >&2
   exit 2
 fi
-SUITE=bookworm
-MIRROR="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
-INCLUDE=python3,python3-venv,adduser,ca-certificates
-cache_dir="${ARM64_ROOT_CACHE:-.cache/arm64-root}"
-tarball="$cache_dir/$SUITE-arm64-minbase-$(echo "$INCLUDE" | md5sum | cut -c1-8).tar"
+source packaging/arm64-root.sh
 
 step() { echo "==> $*"; }
 elapsed() { echo "$(( $(date +%s) - $1 ))s"; }
@@ -26,25 +23,7 @@ elapsed() { echo "$(( $(date +%s) - $1 ))s"; }
 install_debian debootstrap qemu-user-static binfmt-support file
 
 step "binfmt_misc"
-if [ ! -e /proc/sys/fs/binfmt_misc/status ]; then
-  mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc || {
-    echo "cannot mount binfmt_misc: this machine cannot run arm64 binaries" >&2; exit 3; }
-fi
-if [ ! -e /proc/sys/fs/binfmt_misc/qemu-aarch64 ]; then
-  update-binfmts --enable qemu-aarch64 >/dev/null 2>&1 || true
-fi
-if [ ! -e /proc/sys/fs/binfmt_misc/qemu-aarch64 ]; then
-  # Register by hand: ELF64 little-endian, e_machine 0xb7 (AArch64); F = the interpreter is
-  # opened now, so it works inside the chroot without a copy there. The kernel decodes the \x.
-  # shellcheck disable=SC2028
-  echo ':qemu-aarch64:M::\x7fELF\x02\x01\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x02\x00\xb7\x00:\xff\xff\xff\xff\xff\xff\xff\x00\xff\xff\xff\xff\xff\xff\xff\xff\xfe\xff\xff\xff:/usr/bin/qemu-aarch64-static:F' \
-    > /proc/sys/fs/binfmt_misc/register 2>/dev/null || true
-fi
-if ! grep -qx enabled /proc/sys/fs/binfmt_misc/qemu-aarch64 2>/dev/null; then
-  echo "qemu-aarch64 is not registered with binfmt_misc: this machine cannot run arm64 binaries" >&2
-  exit 3
-fi
-sed -n '1,3p' /proc/sys/fs/binfmt_misc/qemu-aarch64
+arm64_binfmt || exit $?
 
 deb="${1:-}"
 if [ -z "$deb" ]; then
@@ -59,46 +38,10 @@ fi
 
 work="$(mktemp -d "${TMPDIR:-/tmp}/openhqm-arm64.XXXXXX")"
 root="$work/root"
-cleanup() {
-  # Unmount first, deepest first; only then delete, and never across a file system boundary.
-  for m in "$root/proc" "$root/sys" "$root/dev/pts" "$root/dev"; do
-    if mountpoint -q "$m" 2>/dev/null; then umount -l "$m" || true; fi
-  done
-  if ! grep -q " $work/" /proc/mounts; then
-    rm -rf --one-file-system "$work"
-  else
-    echo "warning: $work still has mounts; left in place" >&2
-  fi
-}
-trap cleanup EXIT
+trap 'arm64_remove "$work" "$root"' EXIT
 trap 'exit 143' TERM INT   # so that a stopped run still unmounts
 
-mkdir -p "$root" "$cache_dir"
-if [ -f "$tarball" ]; then
-  step "debootstrapped root from the cache ($tarball)"
-  tar -xpf "$tarball" -C "$root"
-else
-  step "debootstrap --arch=arm64 $SUITE (no cache yet; a few minutes)"
-  t0=$(date +%s)
-  for attempt in 1 2; do   # a second try for a mirror that hiccuped
-    if debootstrap --arch=arm64 --variant=minbase --include="$INCLUDE" "$SUITE" "$root" "$MIRROR" \
-        > "$work/debootstrap.log" 2>&1; then
-      break
-    fi
-    tail -30 "$work/debootstrap.log" >&2
-    for m in "$root/proc" "$root/sys"; do
-      if mountpoint -q "$m"; then umount -l "$m"; fi
-    done
-    [ "$attempt" = 1 ] || exit 1
-    echo "debootstrap failed; trying once more" >&2
-    rm -rf --one-file-system "$root" && mkdir -p "$root"
-  done
-  # debootstrap leaves its proc mount behind on some hosts.
-  if mountpoint -q "$root/proc"; then umount -l "$root/proc"; fi
-  apt-get -o Dir="$root" clean >/dev/null 2>&1 || rm -f "$root"/var/cache/apt/archives/*.deb
-  step "debootstrap took $(elapsed "$t0")"
-  tar -cpf "$tarball.tmp" -C "$root" . && mv "$tarball.tmp" "$tarball"
-fi
+arm64_root "$root" "$work/debootstrap.log"
 
 mount -t proc proc "$root/proc"
 run() { chroot "$root" env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin LANG=C.UTF-8 "$@"; }

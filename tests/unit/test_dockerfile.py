@@ -1,4 +1,6 @@
-"""Dockerfile.arm64 cannot be built here (no Docker): its invariants are checked as text."""
+"""Dockerfile.arm64's invariants, checked as text. Building and running it for real (buildah on
+a debootstrapped base under qemu) is tests/integration/test_package.py; this says what holds
+whatever the base and the builder."""
 
 from __future__ import annotations
 
@@ -32,15 +34,42 @@ def test_multi_stage_arm64_slim_bookworm() -> None:
     froms = args_of("FROM")
     assert len(froms) >= 2
     assert all(f.startswith("--platform=linux/arm64 ${PYTHON_IMAGE}") for f in froms), froms
+    # The base is a build argument; its default stays the official image (Docker, buildx).
     assert "PYTHON_IMAGE=python:3.11-slim-bookworm" in args_of("ARG")
+    assert instructions()[0] == ("ARG", "PYTHON_IMAGE=python:3.11-slim-bookworm")
     assert froms[0].endswith(" AS builder")
     # The extras are a build argument (default redis) and reach the builder's pip and the
     # runtime's install.
     assert args_of("ARG").count("EXTRAS=redis") == 2
     runs = " ".join(args_of("RUN"))
-    assert 'pip wheel --no-cache-dir --wheel-dir /wheels -c scripts/constraints.txt ".[${EXTRAS}]"' \
-        in runs
+    assert ('/build/bin/python -m pip wheel --no-cache-dir --disable-pip-version-check '
+            '--wheel-dir /wheels --only-binary=:all: -c scripts/constraints.txt ".[${EXTRAS}]"') in runs
     assert '--no-index --find-links /wheels "openhqm-gateway[${EXTRAS}]"' in runs
+
+
+def test_the_base_needs_only_python3_with_venv() -> None:
+    """What the CI base (Debian's python3 + python3-venv) and the official image both have:
+    no `python` or `pip` command of the base, no compiler, no apt-get (wheels only)."""
+    runs = args_of("RUN")
+    for run in runs:
+        for command in run.split("&&"):
+            words = [w for w in command.split() if not w.startswith("--mount=")]
+            assert words[0] not in ("python", "pip", "pip3"), run
+            assert words[0] != "apt-get", run
+    assert "build-essential" not in " ".join(runs)
+    assert sum("python3 -m venv" in run for run in runs) == 2  # /build and the runtime's venv
+
+
+def test_extras_come_after_the_steps_that_do_not_need_them() -> None:
+    """ARG EXTRAS after the venvs: a build with other extras reuses those layers from the cache
+    (a changed build argument invalidates every RUN after its ARG)."""
+    steps = instructions()
+    for stage_start in (i for i, (word, _) in enumerate(steps) if word == "FROM"):
+        stage = steps[stage_start + 1:]
+        stage = stage[:next((i for i, (w, _) in enumerate(stage) if w == "FROM"), len(stage))]
+        arg = stage.index(("ARG", "EXTRAS=redis"))
+        assert any("python3 -m venv" in rest for word, rest in stage[:arg] if word == "RUN")
+        assert all("${EXTRAS}" not in rest for _, rest in stage[:arg])
 
 
 def test_runtime_is_non_root_with_state_volume_and_config() -> None:
