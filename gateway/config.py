@@ -14,7 +14,13 @@ Parsed once into frozen dataclasses; nothing downstream reads raw dicts.
 - The ``queue:`` section is the seed's: ``type`` plus the common names
   (``request_queue_name``, ``response_queue_name``, ``dlq_name``) plus the chosen backend's
   own keys, flat, exactly as the seed document writes them. The backend's keys are parsed
-  into its settings dataclass (``config.queue.settings``).
+  into its settings dataclass (``config.queue.settings``). It is the uplink named
+  ``default``.
+- ``uplinks:`` instead names several: ``uplinks: {NAME: {...the queue: keys..., topics: [MQTT
+  filters], forwarder: {...}}}``; each uplink's ``forwarder`` keys override the top-level
+  ``forwarder:`` section. Both ``queue:`` and ``uplinks:`` is an error. ``config.uplinks``
+  always lists at least one uplink; ``config.uplink_view(u)`` is the config as the seed's
+  code sees one uplink (its ``queue`` and ``forwarder``).
 - Unknown keys and wrong types raise ConfigError naming the key, the value and the source.
 """
 
@@ -135,6 +141,8 @@ class ForwarderConfig:
     #: one publish_batch call longer than this counts as the uplink being unavailable
     publish_timeout: Annotated[float, DURATION] = 30.0
     routes: list[Route] = field(default_factory=list)
+    #: failed attempts before a message is dead-lettered; 0 = store.max_attempts
+    max_attempts: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,6 +175,17 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class UplinkConfig:
+    """One uplink: its name, backend (the seed's queue keys), the MQTT topic filters routed to
+    it (empty = every message the ingress receives) and its own forwarder settings."""
+
+    name: str
+    queue: QueueConfig
+    topics: list[str] = field(default_factory=list)
+    forwarder: ForwarderConfig = field(default_factory=ForwarderConfig)
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     gateway: GatewaySection = field(default_factory=GatewaySection)
     ingress: IngressConfig = field(default_factory=IngressConfig)
@@ -177,6 +196,18 @@ class Config:
     observability: ObservabilityConfig = field(default_factory=ObservabilityConfig)
     #: where the config came from, for error messages
     source: str = "<defaults>"
+    #: every uplink (``uplinks:``, or the ``queue:`` section as the uplink ``default``)
+    uplinks: list[UplinkConfig] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.uplinks:  # built in code, not parsed: the queue section is the uplink
+            object.__setattr__(self, "uplinks",
+                               [UplinkConfig(DEFAULT_UPLINK, self.queue, [], self.forwarder)])
+
+    def uplink_view(self, uplink: UplinkConfig) -> Config:
+        """The config as one uplink's backend and forwarder see it."""
+        return dataclasses.replace(self, queue=uplink.queue, forwarder=uplink.forwarder,
+                                   uplinks=[uplink])
 
     @property
     def gateway_id(self) -> str:
@@ -192,7 +223,11 @@ class Config:
 
 
 _QUEUE_COMMON = {"type", "request_queue_name", "response_queue_name", "dlq_name"}
-_TOP_LEVEL = {"gateway", "ingress", "store", "forwarder", "queue", "logging", "observability"}
+_TOP_LEVEL = {"gateway", "ingress", "store", "forwarder", "queue", "uplinks", "logging",
+              "observability"}
+#: the name of the uplink the ``queue:`` section configures
+DEFAULT_UPLINK = "default"
+_UPLINK_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 
 
 def load_config(path: str | None, environ: Mapping[str, str] | None = None) -> Config:
@@ -303,39 +338,104 @@ def parse_config(raw: Mapping[str, Any], source: str) -> Config:
         if key not in _TOP_LEVEL:
             errors.append(ConfigError(str(key), raw[key], "unknown section; known sections: "
                                       f"{', '.join(sorted(_TOP_LEVEL))}", source))
-    sections = {k: v for k, v in raw.items() if k != "queue" and k in _TOP_LEVEL}
+    sections = {k: v for k, v in raw.items() if k not in ("queue", "uplinks") and k in _TOP_LEVEL}
     cfg = queue = None
+    uplinks: list[UplinkConfig] = []
     try:
         cfg = parse_dataclass(Config, {**sections, "source": source}, "", source)
     except ConfigError as exc:
         errors.extend(exc.all)
+    if "uplinks" in raw and "queue" in raw:
+        errors.append(ConfigError("uplinks", "...", "both queue: and uplinks: are set; use one: "
+                                  "queue: is the uplink named 'default', uplinks: names several",
+                                  source))
     try:
         queue = _parse_queue(raw.get("queue") or {}, source)
     except ConfigError as exc:
         errors.extend(exc.all)
+    if cfg is not None and "uplinks" in raw:
+        try:
+            uplinks = _parse_uplinks(raw["uplinks"], raw.get("forwarder") or {}, source)
+        except ConfigError as exc:
+            errors.extend(exc.all)
     if cfg is None or queue is None or errors:
         raise_config_errors(errors)
     assert cfg is not None and queue is not None  # raise_config_errors raised otherwise
-    cfg = dataclasses.replace(cfg, queue=queue)
+    if uplinks:
+        cfg = dataclasses.replace(cfg, queue=uplinks[0].queue, uplinks=uplinks)
+    else:
+        cfg = dataclasses.replace(cfg, queue=queue, uplinks=[
+            UplinkConfig(DEFAULT_UPLINK, queue, [], cfg.forwarder)])
     validate(cfg)
     return cfg
 
 
-def _parse_queue(raw: Any, source: str) -> QueueConfig:
+def _parse_uplinks(raw: Any, forwarder_raw: Any, source: str) -> list[UplinkConfig]:
+    if not isinstance(raw, Mapping) or not raw:
+        raise ConfigError("uplinks", raw, "expected a mapping of uplink name -> its keys", source)
+    errors: list[ConfigError] = []
+    uplinks: list[UplinkConfig] = []
+    for name, body in raw.items():
+        key = f"uplinks.{name}"
+        try:
+            uplinks.append(_parse_uplink(str(name), body, forwarder_raw, key, source))
+        except ConfigError as exc:
+            errors.extend(exc.all)
+    raise_config_errors(errors)
+    return uplinks
+
+
+def _parse_uplink(name: str, raw: Any, forwarder_raw: Any, key: str, source: str) -> UplinkConfig:
+    if not _UPLINK_NAME.fullmatch(name):
+        raise ConfigError(key, name, "an uplink name is lowercase letters, digits, '-' and '_' "
+                          "(it is part of OPENHQM_UPLINKS__<NAME>__<KEY> and of metric labels)",
+                          source)
     if not isinstance(raw, Mapping):
-        raise ConfigError("queue", raw, "expected a mapping of keys", source)
-    type_name = parse_value(str, raw.get("type", "redis"), "queue.type", source)
-    settings_cls = settings_class(type_name, source)
+        raise ConfigError(key, raw, "expected a mapping of the queue: keys, topics: and "
+                          "forwarder:", source)
+    body = dict(raw)
+    topics_raw = body.pop("topics", [])
+    own_forwarder = body.pop("forwarder", {}) or {}
+    errors: list[ConfigError] = []
+    queue = topics = forwarder = None
+    try:
+        queue = _parse_queue(body, source, prefix=key)
+    except ConfigError as exc:
+        errors.extend(exc.all)
+    try:
+        topics = parse_value(list[str], topics_raw, f"{key}.topics", source)
+    except ConfigError as exc:
+        errors.extend(exc.all)
+    if not isinstance(own_forwarder, Mapping):
+        errors.append(ConfigError(f"{key}.forwarder", own_forwarder, "expected a mapping",
+                                  source))
+        own_forwarder = {}
+    try:
+        merged = {**(forwarder_raw if isinstance(forwarder_raw, Mapping) else {}),
+                  **own_forwarder}
+        forwarder = parse_dataclass(ForwarderConfig, merged, f"{key}.forwarder", source)
+    except ConfigError as exc:
+        errors.extend(exc.all)
+    raise_config_errors(errors)
+    assert queue is not None and topics is not None and forwarder is not None
+    return UplinkConfig(name, queue, list(topics), forwarder)
+
+
+def _parse_queue(raw: Any, source: str, prefix: str = "queue") -> QueueConfig:
+    if not isinstance(raw, Mapping):
+        raise ConfigError(prefix, raw, "expected a mapping of keys", source)
+    type_name = parse_value(str, raw.get("type", "redis"), f"{prefix}.type", source)
+    settings_cls = settings_class(type_name, source, prefix)
     common = {k: v for k, v in raw.items() if k in _QUEUE_COMMON and k != "type"}
     own = {k: v for k, v in raw.items() if k not in _QUEUE_COMMON}
     errors: list[ConfigError] = []
     base = settings = None
     try:
-        base = parse_dataclass(QueueConfig, common, "queue", source)
+        base = parse_dataclass(QueueConfig, common, prefix, source)
     except ConfigError as exc:
         errors.extend(exc.all)
     try:
-        settings = parse_dataclass(settings_cls, own, "queue", source)
+        settings = parse_dataclass(settings_cls, own, prefix, source)
     except ConfigError as exc:
         errors.extend(exc.all)
     raise_config_errors(errors)
@@ -353,11 +453,14 @@ def validate(cfg: Config) -> None:
     for i, sub in enumerate(ing.subscriptions):
         p.check(_valid_filter(sub.topic), f"ingress.subscriptions[{i}].topic", sub.topic,
                 "not a valid MQTT topic filter")
-    for i, route in enumerate(fw.routes):
-        p.check(_valid_filter(route.topic), f"forwarder.routes[{i}].topic", route.topic,
-                "not a valid MQTT topic filter")
-        p.check(bool(route.destination), f"forwarder.routes[{i}].destination", "",
-                "must not be empty")
+    _check_forwarder(p, fw, "forwarder")
+    several = len(cfg.uplinks) > 1 or (bool(cfg.uplinks) and cfg.uplinks[0].name != DEFAULT_UPLINK)
+    for u in cfg.uplinks if several else []:
+        for i, topic in enumerate(u.topics):
+            p.check(_valid_filter(topic), f"uplinks.{u.name}.topics[{i}]", topic,
+                    "not a valid MQTT topic filter")
+        if u.forwarder != fw:
+            _check_forwarder(p, u.forwarder, f"uplinks.{u.name}.forwarder")
     p.check(1 <= ing.receive_maximum <= 65535, "ingress.receive_maximum", ing.receive_maximum,
             "must be 1..65535")
     p.check(ing.max_message_bytes > 0, "ingress.max_message_bytes", ing.max_message_bytes,
@@ -379,20 +482,30 @@ def validate(cfg: Config) -> None:
             "must be positive")
     p.check(st.cursor_sync_messages >= 1, "store.cursor_sync_messages", st.cursor_sync_messages,
             "must be at least 1")
-    p.check(fw.batch_size >= 1, "forwarder.batch_size", fw.batch_size, "must be at least 1")
-    p.check(fw.max_batch_bytes >= 1, "forwarder.max_batch_bytes", fw.max_batch_bytes,
-            "must be at least 1 byte")
-    p.check(fw.max_rate >= 0, "forwarder.max_rate", fw.max_rate, "must not be negative")
-    p.check(fw.retry_max_delay >= fw.retry_min_delay, "forwarder.retry_max_delay",
-            fw.retry_max_delay, "must be at least forwarder.retry_min_delay")
-    p.check(fw.publish_timeout > 0, "forwarder.publish_timeout", fw.publish_timeout,
-            "must be positive")
     listen = cfg.observability.listen
     if listen:
         host, _, port = listen.rpartition(":")
         p.check(bool(host) and port.isdigit() and 0 <= int(port) <= 65535,
                 "observability.listen", listen, "expected host:port, e.g. 127.0.0.1:9108")
     raise_config_errors(p.found)
+
+
+def _check_forwarder(p: _Problems, fw: ForwarderConfig, key: str) -> None:
+    for i, route in enumerate(fw.routes):
+        p.check(_valid_filter(route.topic), f"{key}.routes[{i}].topic", route.topic,
+                "not a valid MQTT topic filter")
+        p.check(bool(route.destination), f"{key}.routes[{i}].destination", "",
+                "must not be empty")
+    p.check(fw.batch_size >= 1, f"{key}.batch_size", fw.batch_size, "must be at least 1")
+    p.check(fw.max_batch_bytes >= 1, f"{key}.max_batch_bytes", fw.max_batch_bytes,
+            "must be at least 1 byte")
+    p.check(fw.max_rate >= 0, f"{key}.max_rate", fw.max_rate, "must not be negative")
+    p.check(fw.retry_max_delay >= fw.retry_min_delay, f"{key}.retry_max_delay",
+            fw.retry_max_delay, f"must be at least {key}.retry_min_delay")
+    p.check(fw.publish_timeout > 0, f"{key}.publish_timeout", fw.publish_timeout,
+            "must be positive")
+    p.check(fw.max_attempts >= 0, f"{key}.max_attempts", fw.max_attempts,
+            "must not be negative (0 = store.max_attempts)")
 
 
 class _Problems:
@@ -420,10 +533,20 @@ def _valid_filter(topic: str) -> bool:
 
 
 def effective_config(cfg: Config) -> dict[str, Any]:
-    """The config as plain data with secrets masked, queue flattened as in the file."""
+    """The config as plain data with secrets masked, each backend's keys flattened as in the
+    file: the ``queue:`` section for the single uplink ``default``, else ``uplinks:``."""
     plain: dict[str, Any] = to_plain(cfg, mask=True)
-    queue = plain.pop("queue")
-    settings = queue.pop("settings") or {}
-    plain["queue"] = {**queue, **settings}
     plain.pop("source", None)
+    uplinks = plain.pop("uplinks")
+    queue = plain.pop("queue")
+    if len(cfg.uplinks) == 1 and cfg.uplinks[0].name == DEFAULT_UPLINK:
+        plain["queue"] = _flat_queue(queue)
+        return plain
+    plain["uplinks"] = {u["name"]: {**_flat_queue(u["queue"]), "topics": u["topics"],
+                                    "forwarder": u["forwarder"]} for u in uplinks}
     return plain
+
+
+def _flat_queue(queue: dict[str, Any]) -> dict[str, Any]:
+    settings = queue.pop("settings") or {}
+    return {**queue, **settings}

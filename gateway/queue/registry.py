@@ -67,7 +67,7 @@ def _load(path: str) -> Any:
 PLUGIN_IMPLEMENTATION = "gateway.uplinks.custom.uplink:EntryPointQueue"
 
 
-def spec_for(type_name: str, source: str = "") -> BackendSpec:
+def spec_for(type_name: str, source: str = "", key: str = "queue") -> BackendSpec:
     spec = BACKENDS.get(type_name)
     if spec is not None:
         return spec
@@ -78,16 +78,17 @@ def spec_for(type_name: str, source: str = "") -> BackendSpec:
         return BackendSpec(type_name, "", PLUGIN_IMPLEMENTATION, None, None)
     known = ", ".join(sorted(BACKENDS))
     installed = f"; installed plugins: {', '.join(sorted(plugins))}" if plugins else ""
-    raise ConfigError("queue.type", type_name,
+    raise ConfigError(f"{key}.type", type_name,
                       f"unknown queue type; known types: {known}{installed}", source)
 
 
-def settings_class(type_name: str, source: str = "") -> type[Any]:
-    spec = spec_for(type_name, source)
+def settings_class(type_name: str, source: str = "", key: str = "queue") -> type[Any]:
+    """The settings dataclass of ``type_name``; ``key`` names its section in errors."""
+    spec = spec_for(type_name, source, key)
     if not spec.settings:  # a plugin: its constructor's parameters are its keys
         from gateway.uplinks.custom.loader import load_entry_point, options_class
 
-        return options_class(load_entry_point(type_name, source), "queue", source)
+        return options_class(load_entry_point(type_name, source), key, source)
     cls: type[Any] = _load(spec.settings)
     return cls
 
