@@ -21,8 +21,15 @@ import orjson
 import yaml
 
 from gateway import __version__
-from gateway.config import DEFAULT_CONFIG_PATH, ENV_CONFIG_PATH, Config, effective_config, load_config
-from gateway.errors import ConfigError, GatewayError
+from gateway.config import (
+    DEFAULT_CONFIG_PATH,
+    DEFAULT_UPLINK,
+    ENV_CONFIG_PATH,
+    Config,
+    effective_config,
+    load_config,
+)
+from gateway.errors import ConfigError, GatewayError, raise_config_errors
 from gateway.store.db import Limits, StoreDb
 from gateway.store.records import DeadLetter
 
@@ -62,12 +69,14 @@ def _parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", parents=common,
                             help="buffer and delivery status, read from the store")
     status.add_argument("--json", action="store_true", help="one JSON object")
+    status.add_argument("--uplink", metavar="NAME", help="only this uplink (default: every one)")
     dlq = sub.add_parser("dlq", parents=common, help="the dead-letter table")
     dlq_sub = dlq.add_subparsers(dest="dlq_command", required=True)
     lst = dlq_sub.add_parser("list", parents=common, help="show dead letters, oldest first")
     lst.add_argument("--limit", type=int, default=50, metavar="N",
                      help="show at most N dead letters (default: 50)")
     lst.add_argument("--json", action="store_true", help="one JSON object per line")
+    lst.add_argument("--uplink", metavar="NAME", help="only this uplink's (default: every one's)")
     for name, what in (("replay", "move dead letters back into the queue"),
                        ("purge", "delete dead letters for good")):
         cmd = dlq_sub.add_parser(name, parents=common, help=what)
@@ -76,6 +85,8 @@ def _parser() -> argparse.ArgumentParser:
                            help=f"{name} the dead letter with this id (from 'dlq list'); "
                                 "repeat for several")
         which.add_argument("--all", action="store_true", help=f"{name} every dead letter")
+        cmd.add_argument("--uplink", metavar="NAME",
+                         help=f"{name} only this uplink's dead letters (default: every one's)")
     return p
 
 
@@ -113,20 +124,27 @@ def _dispatch(args: argparse.Namespace, config: Config) -> int:
     if args.command == "run":
         return _run(config)
     if args.command == "status":
-        return _status(config, as_json=args.json)
+        return _status(config, as_json=args.json, only=args.uplink)
     return _dlq(args, config)
 
 
 def _check_uplink(config: Config) -> None:
-    """Build the uplink without connecting: a missing extra, a custom class that does not
+    """Build every uplink without connecting: a missing extra, a custom class that does not
     load, or an MQTT uplink that would re-ingest its own messages fails here, not at run."""
     from gateway.errors import BackendNotInstalled, NotSupportedError
     from gateway.queue.registry import create_backend
 
-    try:
-        create_backend(config)
-    except (BackendNotInstalled, NotSupportedError) as exc:
-        raise ConfigError("queue.type", config.queue.type, str(exc), config.source) from None
+    problems: list[ConfigError] = []
+    for u in config.uplinks:
+        single = u.name == DEFAULT_UPLINK and len(config.uplinks) == 1
+        key = "queue.type" if single else f"uplinks.{u.name}.type"
+        try:
+            create_backend(config.uplink_view(u))
+        except (BackendNotInstalled, NotSupportedError) as exc:
+            problems.append(ConfigError(key, u.queue.type, str(exc), config.source))
+        except ConfigError as exc:
+            problems.extend(exc.all)
+    raise_config_errors(problems)
 
 
 def _run(config: Config) -> int:
@@ -170,20 +188,27 @@ def _open_db(config: Config, readonly: bool) -> StoreDb:
     return db
 
 
-def status_report(config: Config) -> dict[str, Any]:
+def status_report(config: Config, only: str | None = None) -> dict[str, Any]:
+    """Store and per-uplink figures, read from the file: every configured uplink, and any other
+    queue the store holds (a ``type: sqlite`` backend's); ``only`` picks one uplink."""
     from gateway.forwarder import UPLINK_QUEUE
+    from gateway.store.db import Destination
 
     db = _open_db(config, readonly=True)
     try:
         now = time.time()
-        names = set(db.queues()) | {UPLINK_QUEUE}
+        types = {u.name: _uplink_label(config.uplink_view(u)) for u in config.uplinks}
+        db.register(UPLINK_QUEUE, [Destination(u.name, tuple(u.topics)) for u in config.uplinks])
+        names = [*types, *sorted(n for n in db.queues() if n not in types and n != UPLINK_QUEUE)]
+        if only is not None:
+            if only not in names:
+                raise GatewayError(f"no uplink {only!r}; configured: {', '.join(types)}")
+            names = [only]
         uplinks: dict[str, Any] = {}
-        messages = 0
-        for name in sorted(names):
+        for name in names:
             st = db.stats(name, now)
-            messages += st.depth
             uplinks[name] = {
-                "type": _uplink_label(config) if name == UPLINK_QUEUE else "sqlite",
+                "type": types.get(name, "sqlite"),
                 "depth": st.depth, "in_flight": st.in_flight,
                 "oldest_age_seconds": None if st.oldest_age_seconds is None
                 else round(st.oldest_age_seconds, 3),
@@ -192,7 +217,8 @@ def status_report(config: Config) -> dict[str, Any]:
             }
         quarantined = db.counter(UPLINK_QUEUE, "quarantined_files")
         return {"store": {"path": config.store_path, "bytes": db.file_bytes(),
-                          "messages": messages, "quarantined_files": quarantined},
+                          "messages": db.count, "quarantined_files": quarantined,
+                          "unrouted": db.counter(UPLINK_QUEUE, "unrouted")},
                 "uplinks": uplinks}
     finally:
         db.close()
@@ -206,8 +232,8 @@ def _uplink_label(config: Config) -> str:
     return config.queue.type
 
 
-def _status(config: Config, as_json: bool) -> int:
-    report = status_report(config)
+def _status(config: Config, as_json: bool, only: str | None = None) -> int:
+    report = status_report(config, only)
     if as_json:
         print(orjson.dumps(report).decode())
         return 0
@@ -242,7 +268,7 @@ def _dlq(args: argparse.Namespace, config: Config) -> int:
     if args.dlq_command == "list":
         db = _open_db(config, readonly=True)
         try:
-            letters = db.list_dead(None, args.limit)
+            letters = db.list_dead(_uplink_arg(args, config), args.limit)
         finally:
             db.close()
         for d in letters:
@@ -257,15 +283,24 @@ def _dlq(args: argparse.Namespace, config: Config) -> int:
     db = _open_db(config, readonly=False)
     try:
         ids = None if args.all else list(args.ids)
+        only = _uplink_arg(args, config)
         if args.dlq_command == "replay":
-            n = db.replay_dead(None, ids)
+            n = db.replay_dead(only, ids)
             print(f"replayed {n} dead letter(s) into the queue")
         else:
-            n = db.purge_dead(None, ids)
+            n = db.purge_dead(only, ids)
             print(f"purged {n} dead letter(s)")
     finally:
         db.close()
     return 0
+
+
+def _uplink_arg(args: argparse.Namespace, config: Config) -> str | None:
+    name: str | None = getattr(args, "uplink", None)
+    if name is not None and name not in {u.name for u in config.uplinks}:
+        raise GatewayError(f"no uplink {name!r}; configured: "
+                           f"{', '.join(u.name for u in config.uplinks)}")
+    return name
 
 
 if __name__ == "__main__":

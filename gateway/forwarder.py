@@ -76,6 +76,9 @@ class ForwarderStats:
 
 
 class Forwarder:
+    """Drains one uplink's cursor. ``queue`` is the uplink's name, the name of its cursor in
+    the store (the single ``queue:`` section's uplink is ``default``)."""
+
     def __init__(self, store: Store, uplink: MessageQueueInterface, config: Config,
                  queue: str = UPLINK_QUEUE) -> None:
         self.store = store
@@ -84,7 +87,10 @@ class Forwarder:
         self.default_destination = config.queue.request_queue_name
         self.queue = queue
         self.stats = ForwarderStats()
-        self.link = UplinkState(uplink.backend_name, uplink.target, self.stats)
+        #: how logs name the uplink: its type alone for the single uplink, else both
+        self.label = (uplink.backend_name if queue == UPLINK_QUEUE
+                      else f"{queue} ({uplink.backend_name})")
+        self.link = UplinkState(self.label, uplink.target, self.stats)
         self._stopping = asyncio.Event()
         self._failures = 0  # consecutive whole-batch failures, for the backoff
         self._connected = False
@@ -186,7 +192,7 @@ class Forwarder:
 
     async def _store_trouble(self, exc: StoreError) -> None:
         log.error("store error while forwarding (%s); retrying with backoff", exc,
-                  extra={"uplink": self.uplink.backend_name})
+                  extra={"uplink": self.label})
         if self._ahead is not None:  # its lease, if it got one, expires and is retried
             self._ahead.cancel()
             self._ahead = None
@@ -372,7 +378,7 @@ class Forwarder:
         self.stats.dead_lettered += len(s.dead)
         for seq, reason in s.dead:
             log.warning("dead-lettered message seq=%d: %s", seq, reason,
-                        extra={"uplink": self.uplink.backend_name, "store_seq": seq})
+                        extra={"uplink": self.label, "store_seq": seq})
 
     async def _pace(self, sent: int, started: float) -> None:
         if self.cfg.max_rate > 0 and sent:

@@ -1,6 +1,8 @@
 """The daemon's lifecycle: one TaskGroup of named tasks around the store.
 
-Tasks: ``ingress`` (MQTT -> store), ``forwarder`` (store -> uplink), ``retention``
+Tasks: ``ingress`` (MQTT -> store), ``forwarder`` (store -> the uplink; with several
+uplinks ``forwarder-NAME``, one each, each with its own cursor, so none waits for another),
+``retention``
 (max_age expiry and space reclaim on a timer), ``ready`` (sd_notify READY=1 once
 subscribed), ``http`` (metrics, health, status page), ``watchdog`` (systemd pings, when
 WatchdogSec= is set).
@@ -24,15 +26,16 @@ import signal
 import sqlite3
 import time
 
-from gateway.config import Config
+from gateway.config import Config, UplinkConfig
 from gateway.errors import StoreError
 from gateway.forwarder import UPLINK_QUEUE, Forwarder
 from gateway.ingress import MqttIngress
-from gateway.observability.http import ObservabilityServer, Snapshot
+from gateway.observability.http import ObservabilityServer, Snapshot, UplinkSnapshot
 from gateway.observability.systemd import sd_notify, watchdog_interval
 from gateway.queue.interface import MessageQueueInterface
 from gateway.queue.registry import create_backend
-from gateway.store.records import AppendOutcome, NewMessage
+from gateway.store.db import Destination
+from gateway.store.records import AppendOutcome, NewMessage, QueueStats
 from gateway.store.store import Store
 
 log = logging.getLogger("gateway.service")
@@ -43,12 +46,21 @@ DISCONNECT_TIMEOUT = 3.0
 
 
 class Gateway:
+    """``uplink`` replaces the (first) configured uplink's backend (tests)."""
+
     def __init__(self, config: Config, uplink: MessageQueueInterface | None = None) -> None:
         self.config = config
         self.store = Store(config.store_path, config.store)
-        self.uplink = uplink if uplink is not None else create_backend(config)
+        self.uplinks: dict[str, MessageQueueInterface] = {}
+        self.forwarders: dict[str, Forwarder] = {}
+        for u in config.uplinks:
+            view = config.uplink_view(u)
+            backend = uplink if uplink is not None and not self.uplinks else create_backend(view)
+            self.uplinks[u.name] = backend
+            self.forwarders[u.name] = Forwarder(self.store, backend, view, queue=u.name)
+        first = config.uplinks[0].name
+        self.uplink, self.forwarder = self.uplinks[first], self.forwarders[first]
         self.ingress = MqttIngress(config.ingress, config.ingress_client_id, self._sink)
-        self.forwarder = Forwarder(self.store, self.uplink, config)
         self._stop = asyncio.Event()
         self._signals = 0
         self._started_at = time.time()
@@ -56,29 +68,36 @@ class Gateway:
                      if config.observability.listen else None)
 
     async def snapshot(self) -> Snapshot:
-        """Counters and backlog as the HTTP endpoint reports them."""
+        """Counters and backlogs as the HTTP endpoint reports them."""
+        stats: dict[str, QueueStats] = {}
         try:
-            stats = await self.store.stats(UPLINK_QUEUE)
+            for name in self.forwarders:
+                stats[name] = await self.store.stats(name)
             store_ok = await self.store.ping()
         except (StoreError, sqlite3.Error):
-            stats, store_ok = None, False
-        ing, fwd = self.ingress, self.forwarder.stats
+            store_ok = False
+        ing = self.ingress
         return Snapshot(
             taken_at=time.time(), started_at=self._started_at,
             ingress_connected=ing.connected, store_ok=store_ok,
-            uplink_type=self.uplink.backend_name, uplink_state=fwd.state,
-            depth=stats.depth if stats else 0, in_flight=(stats.in_flight or 0) if stats else 0,
-            oldest_age_seconds=stats.oldest_age_seconds if stats else None,
-            dead_letter=stats.dead_letter if stats else 0,
             store_messages=self.store.message_count, store_bytes=self.store.message_bytes,
-            store_file_bytes=self.store.file_bytes(), last_ack_at=fwd.last_ack_at,
+            store_file_bytes=self.store.file_bytes(),
             commits=self.store.commits, commit_seconds_total=self.store.commit_seconds_total,
+            uplinks=[self._uplink_snapshot(u, stats.get(u.name)) for u in self.config.uplinks],
             counters={"ingress_received": ing.received, "ingress_acked": ing.acked,
                       "ingress_dead_lettered": ing.dead_lettered, "ingress_dropped": ing.dropped,
-                      "ingress_duplicates": ing.duplicates, "uplinked": fwd.delivered,
-                      "retried": fwd.retried, "dead_lettered": fwd.dead_lettered,
-                      "batches": fwd.batches},
-            dropped=stats.dropped if stats else {}, uplink_defect=fwd.defect)
+                      "ingress_duplicates": ing.duplicates})
+
+    def _uplink_snapshot(self, u: UplinkConfig, stats: QueueStats | None) -> UplinkSnapshot:
+        fwd = self.forwarders[u.name].stats
+        return UplinkSnapshot(
+            name=u.name, type=self.uplinks[u.name].backend_name, state=fwd.state,
+            depth=stats.depth if stats else 0, in_flight=(stats.in_flight or 0) if stats else 0,
+            oldest_age_seconds=stats.oldest_age_seconds if stats else None,
+            dead_letter=stats.dead_letter if stats else 0, last_ack_at=fwd.last_ack_at,
+            counters={"uplinked": fwd.delivered, "retried": fwd.retried,
+                      "dead_lettered": fwd.dead_lettered, "batches": fwd.batches},
+            dropped=stats.dropped if stats else {}, defect=fwd.defect)
 
     async def _watchdog(self, interval: float) -> None:
         """Ping systemd's watchdog from the event loop: a hung loop stops the pings and
@@ -95,12 +114,20 @@ class Gateway:
 
     async def run(self) -> None:
         await self.store.open()
+        try:
+            await self._register_uplinks()
+        except BaseException:
+            await self.store.close()
+            raise
         log.info("store %s open: %d messages buffered", self.store.path,
                  self.store.message_count)
         try:
             async with asyncio.TaskGroup() as tg:
                 ingress = tg.create_task(self.ingress.run(), name="ingress")
-                forwarder = tg.create_task(self.forwarder.run(), name="forwarder")
+                several = len(self.forwarders) > 1
+                forwarders = [tg.create_task(f.run(), name=f"forwarder-{name}" if several
+                                             else "forwarder")
+                              for name, f in self.forwarders.items()]
                 helpers = [tg.create_task(self._retention(), name="retention"),
                            tg.create_task(self._announce_ready(), name="ready")]
                 if self.http is not None:
@@ -113,17 +140,35 @@ class Gateway:
                 log.info("stopping: finishing in-flight work")
                 for task in helpers:
                     task.cancel()
-                await self._drain_and_stop(ingress, forwarder)
+                await self._drain_and_stop(ingress, *forwarders)
         finally:
-            try:
-                await asyncio.wait_for(self.uplink.disconnect(), DISCONNECT_TIMEOUT)
-            except Exception as exc:  # a dead server: what it holds is in the store
-                log.debug("closing the uplink: %s", exc or type(exc).__name__)
+            await asyncio.gather(*(self._disconnect(name, backend)
+                                   for name, backend in self.uplinks.items()))
             await self.store.close()
             log.info("stopped")
 
+    async def _register_uplinks(self) -> None:
+        """Each configured uplink is a cursor of the ingress queue; an uplink no longer
+        configured loses its cursor (what it had not delivered is counted and logged)."""
+        removed = await self.store.register(UPLINK_QUEUE, [
+            Destination(u.name, tuple(u.topics), u.forwarder.max_attempts)
+            for u in self.config.uplinks])
+        for name in removed:
+            stats = await self.store.stats(name)
+            log.warning("uplink %s is no longer configured: its cursor is removed; %d messages "
+                        "it had not delivered are counted as dropped (uplink_removed)", name,
+                        stats.dropped.get("uplink_removed", 0))
+
+    @staticmethod
+    async def _disconnect(name: str, backend: MessageQueueInterface) -> None:
+        try:
+            await asyncio.wait_for(backend.disconnect(), DISCONNECT_TIMEOUT)
+        except Exception as exc:  # a dead server: what it holds is in the store
+            log.debug("closing the uplink %s: %s", name, exc or type(exc).__name__)
+
     async def _drain_and_stop(self, *tasks: asyncio.Task[None]) -> None:
-        self.forwarder.stop()
+        for forwarder in self.forwarders.values():
+            forwarder.stop()
         try:
             await asyncio.wait_for(self.ingress.stop(), STOP_TIMEOUT)
         except TimeoutError:

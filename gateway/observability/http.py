@@ -4,13 +4,15 @@ Routes (GET only, loopback by default — ``observability.listen``):
 
 - ``/metrics``  Prometheus text format 0.0.4.
 - ``/healthz``  200 while the event loop answers (liveness).
-- ``/readyz``   200 when the ingress is connected, the store answers, and the uplink is not
-                stuck: with messages waiting, the oldest is younger than
-                ``stuck_backlog_age`` and the uplink acknowledged something within
-                ``stuck_no_ack``. 503 with the failing checks otherwise. "Connected" alone
-                is not "ready": a link that accepts nothing is reported.
-- ``/``         a status page for a technician on site: buffer depth and age, uplink state,
-                message rates over the last minutes. Its script keeps it current from
+- ``/readyz``   200 when the ingress is connected, the store answers, and no uplink is
+                stuck: with messages waiting for it, the oldest is younger than
+                ``stuck_backlog_age`` and it acknowledged something within
+                ``stuck_no_ack``. 503 with the failing checks otherwise, each naming its
+                uplink. "Connected" alone is not "ready": a link that accepts nothing is
+                reported.
+- ``/``         a status page for a technician on site: a card per uplink (state, backlog
+                and its age), the broker, message rates over the last minutes. Its script
+                keeps it current from
 - ``/status.json`` the same figures as JSON: snapshot, readiness failures, rates.
 
 The server is a few dozen lines on ``asyncio.start_server``: one request per connection,
@@ -38,6 +40,26 @@ READ_TIMEOUT = 5.0
 
 
 @dataclass(frozen=True, slots=True)
+class UplinkSnapshot:
+    """One uplink's figures: its state and what waits for it."""
+
+    name: str
+    type: str
+    state: str
+    depth: int
+    in_flight: int
+    oldest_age_seconds: float | None
+    dead_letter: int
+    last_ack_at: float | None
+    #: uplinked, retried, dead_lettered, batches (since start)
+    counters: dict[str, int] = field(default_factory=dict)
+    #: messages it never got, dropped by a retention policy, by reason
+    dropped: dict[str, int] = field(default_factory=dict)
+    #: the programming error the uplink's code raised ("TypeError: ..."); '' when none
+    defect: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class Snapshot:
     """Everything the endpoint reports, taken at one moment."""
 
@@ -45,46 +67,50 @@ class Snapshot:
     started_at: float
     ingress_connected: bool
     store_ok: bool
-    uplink_type: str
-    uplink_state: str
-    depth: int
-    in_flight: int
-    oldest_age_seconds: float | None
-    dead_letter: int
     store_messages: int
     store_bytes: int
     store_file_bytes: int
-    last_ack_at: float | None
     commits: int
     commit_seconds_total: float
-    #: name -> value of monotonically growing counters
+    uplinks: list[UplinkSnapshot]
+    #: name -> value of the ingress's monotonically growing counters
     counters: dict[str, int] = field(default_factory=dict)
-    dropped: dict[str, int] = field(default_factory=dict)
-    #: the programming error the uplink's code raised ("TypeError: ..."); '' when none
-    uplink_defect: str = ""
+
+    def total(self, counter: str) -> int:
+        """An uplink counter summed over the uplinks."""
+        return sum(u.counters.get(counter, 0) for u in self.uplinks)
 
 
 SnapshotSource = Callable[[], Awaitable[Snapshot]]
 
 
 def readiness(s: Snapshot, cfg: ObservabilityConfig) -> list[str]:
-    """The failing readiness checks; empty when ready."""
+    """The failing readiness checks, each naming its uplink; empty when ready."""
     failures = []
     if not s.ingress_connected:
         failures.append("ingress: not connected to the broker")
     if not s.store_ok:
         failures.append("store: not answering")
-    if s.uplink_defect:
-        failures.append(f"uplink {s.uplink_type} has a defect: {s.uplink_defect} (a bug in its "
-                        "code, not an outage; messages stay buffered; see the log)")
-    if s.depth > 0:
-        if s.oldest_age_seconds is not None and s.oldest_age_seconds > cfg.stuck_backlog_age:
-            failures.append(f"uplink stuck: oldest buffered message is {s.oldest_age_seconds:.0f}s "
-                            f"old (> {cfg.stuck_backlog_age:.0f}s)")
-        since_ack = s.taken_at - (s.last_ack_at or s.started_at)
+    for u in s.uplinks:
+        failures.extend(_uplink_failures(s, u, cfg))
+    return failures
+
+
+def _uplink_failures(s: Snapshot, u: UplinkSnapshot, cfg: ObservabilityConfig) -> list[str]:
+    failures = []
+    # as the logs name it: the single uplink by its type, one of several by name and type
+    who = f"uplink {u.type}" if u.name == "default" else f"uplink {u.name} ({u.type})"
+    if u.defect:
+        failures.append(f"{who} has a defect: {u.defect} (a bug in its code, not an outage; "
+                        "messages stay buffered; see the log)")
+    if u.depth > 0:
+        if u.oldest_age_seconds is not None and u.oldest_age_seconds > cfg.stuck_backlog_age:
+            failures.append(f"{who} stuck: oldest buffered message is "
+                            f"{u.oldest_age_seconds:.0f}s old (> {cfg.stuck_backlog_age:.0f}s)")
+        since_ack = s.taken_at - (u.last_ack_at or s.started_at)
         if since_ack > cfg.stuck_no_ack:
-            failures.append(f"uplink stuck: no acknowledgement for {since_ack:.0f}s with "
-                            f"{s.depth} messages waiting (> {cfg.stuck_no_ack:.0f}s)")
+            failures.append(f"{who} stuck: no acknowledgement for {since_ack:.0f}s with "
+                            f"{u.depth} messages waiting (> {cfg.stuck_no_ack:.0f}s)")
     return failures
 
 
@@ -104,26 +130,47 @@ _HELP = {
 def render_metrics(s: Snapshot) -> str:
     out: list[str] = []
 
-    def metric(name: str, kind: str, help_text: str, value: float,
-               labels: str = "") -> None:
+    def head(name: str, kind: str, help_text: str) -> str:
         full = f"openhqm_gateway_{name}"
         out.append(f"# HELP {full} {help_text}\n# TYPE {full} {kind}")
-        out.append(f"{full}{labels} {'NaN' if math.isnan(value) else value}")
+        return full
+
+    def metric(name: str, kind: str, help_text: str, value: float) -> None:
+        out.append(f"{head(name, kind, help_text)} {_num(value)}")
+
+    def per_uplink(name: str, kind: str, help_text: str,
+                   values: list[tuple[UplinkSnapshot, float]]) -> None:
+        full = head(name, kind, help_text)
+        out.extend(f'{full}{{uplink="{u.name}"}} {_num(v)}' for u, v in values)
 
     for name, value in sorted(s.counters.items()):
         metric(f"{name}_total", "counter", _HELP.get(name, name), value)
-    full = "openhqm_gateway_dropped_total"
-    out.append(f"# HELP {full} messages dropped by a retention policy, by reason\n# TYPE {full} counter")
-    for reason, n in sorted(s.dropped.items()):
-        out.append(f'{full}{{reason="{reason}"}} {n}')
-    metric("backlog_messages", "gauge", "messages waiting for the uplink", s.depth)
-    metric("in_flight_messages", "gauge", "messages leased to the uplink", s.in_flight)
+    for name in ("uplinked", "retried", "dead_lettered", "batches"):
+        per_uplink(f"{name}_total", "counter", _HELP[name],
+                   [(u, u.counters.get(name, 0)) for u in s.uplinks])
+    full = head("dropped_total", "counter", "messages an uplink never got, dropped by a "
+                "retention policy, by reason")
+    out.extend(f'{full}{{uplink="{u.name}",reason="{reason}"}} {n}'
+               for u in s.uplinks for reason, n in sorted(u.dropped.items()))
+    per_uplink("backlog_messages", "gauge", "messages waiting for the uplink",
+               [(u, u.depth) for u in s.uplinks])
+    per_uplink("in_flight_messages", "gauge", "messages handed to the uplink, not settled",
+               [(u, u.in_flight) for u in s.uplinks])
     # NaN, not 0, when nothing waits (Prometheus' advice where 0 would mislead); status.json
     # says null
-    metric("backlog_oldest_age_seconds", "gauge", "age of the oldest waiting message "
-           "(NaN when nothing waits)",
-           math.nan if s.oldest_age_seconds is None else s.oldest_age_seconds)
-    metric("dead_letter_messages", "gauge", "entries in the dead-letter table", s.dead_letter)
+    per_uplink("backlog_oldest_age_seconds", "gauge", "age of the oldest message waiting for "
+               "the uplink (NaN when nothing waits)",
+               [(u, math.nan if u.oldest_age_seconds is None else u.oldest_age_seconds)
+                for u in s.uplinks])
+    per_uplink("dead_letter_messages", "gauge", "the uplink's entries in the dead-letter table",
+               [(u, u.dead_letter) for u in s.uplinks])
+    per_uplink("uplink_last_ack_timestamp_seconds", "gauge", "when the uplink last "
+               "acknowledged", [(u, u.last_ack_at or 0.0) for u in s.uplinks])
+    full = head("uplink_state", "gauge", "1 for the uplink's current state")
+    out.extend(f'{full}{{uplink="{u.name}",type="{u.type}",state="{state}"}} '
+               f"{int(state == u.state)}" for u in s.uplinks for state in UPLINK_STATES)
+    metric("store_messages", "gauge", "messages the store holds (every uplink's)",
+           s.store_messages)
     metric("store_bytes", "gauge", "bytes counted against store.max_bytes", s.store_bytes)
     metric("store_file_bytes", "gauge", "size of the store file and its WAL", s.store_file_bytes)
     metric("store_commits_total", "counter", "append transactions committed", s.commits)
@@ -131,13 +178,14 @@ def render_metrics(s: Snapshot) -> str:
            round(s.commit_seconds_total, 6))
     metric("ingress_connected", "gauge", "1 when connected to the broker",
            int(s.ingress_connected))
-    full = "openhqm_gateway_uplink_state"
-    out.append(f"# HELP {full} 1 for the uplink's current state\n# TYPE {full} gauge")
-    for state in ("connecting", "online", "backing_off", "defective", "stopped"):
-        out.append(f'{full}{{type="{s.uplink_type}",state="{state}"}} {int(state == s.uplink_state)}')
-    metric("uplink_last_ack_timestamp_seconds", "gauge", "when the uplink last acknowledged",
-           s.last_ack_at or 0.0)
     return "\n".join(out) + "\n"
+
+
+def _num(value: float) -> str:
+    return "NaN" if math.isnan(value) else str(value)
+
+
+UPLINK_STATES = ("connecting", "online", "backing_off", "defective", "stopped")
 
 
 # --- the status page ------------------------------------------------------------------------
@@ -159,7 +207,7 @@ VERDICT_CLASS = {"OK": "", "BUFFERING": "buffering", "ATTENTION": "down"}
 def verdict(s: Snapshot, failures: list[str]) -> str:
     if failures:
         return "ATTENTION"
-    return "OK" if s.uplink_state == "online" else "BUFFERING"
+    return "OK" if all(u.state == "online" for u in s.uplinks) else "BUFFERING"
 
 
 def fmt_age(seconds: float | None) -> str:
@@ -182,26 +230,35 @@ def mean_rates(rates: list[tuple[float, float]], minutes: int) -> tuple[float, f
     return sum(r for r, _ in window) / len(window), sum(u for _, u in window) / len(window)
 
 
+def _dropped(s: Snapshot) -> str:
+    several = len(s.uplinks) > 1
+    return ", ".join(f"{u.name} {k}: {v}" if several else f"{k}: {v}"
+                     for u in s.uplinks for k, v in sorted(u.dropped.items())) or "none"
+
+
 def _fields(s: Snapshot, failures: list[str],
             rates: list[tuple[float, float]]) -> dict[str, str]:
     """Element id -> text, exactly as the page's script computes it from /status.json."""
     out = {
         "verdict": verdict(s, failures),
-        "uplink-type": s.uplink_type,
-        "uplink-state": STATE_TEXT.get(s.uplink_state, s.uplink_state),
-        "last-ack": "never" if s.last_ack_at is None
-        else fmt_age(max(0.0, s.taken_at - s.last_ack_at)) + " ago",
         "broker": "connected" if s.ingress_connected else "NOT connected",
-        "depth": str(s.depth),
-        "in-flight": str(s.in_flight),
-        "oldest": fmt_age(s.oldest_age_seconds),
-        "dead-letters": str(s.dead_letter),
         "store-file": f"{s.store_file_bytes / 1e6:.1f} MB",
         "received": str(s.counters.get("ingress_received", 0)),
-        "uplinked": str(s.counters.get("uplinked", 0)),
-        "dropped": ", ".join(f"{k}: {v}" for k, v in sorted(s.dropped.items())) or "none",
+        "uplinked": str(s.total("uplinked")),
+        "dead-letters": str(sum(u.dead_letter for u in s.uplinks)),
+        "dropped": _dropped(s),
         "uptime": fmt_age(max(0.0, s.taken_at - s.started_at)),
     }
+    for i, u in enumerate(s.uplinks):
+        out |= {
+            f"u{i}-name": u.name, f"u{i}-type": u.type,
+            f"u{i}-state": STATE_TEXT.get(u.state, u.state),
+            f"u{i}-last-ack": "never" if u.last_ack_at is None
+            else fmt_age(max(0.0, s.taken_at - u.last_ack_at)) + " ago",
+            f"u{i}-depth": str(u.depth), f"u{i}-in-flight": str(u.in_flight),
+            f"u{i}-oldest": fmt_age(u.oldest_age_seconds),
+            f"u{i}-dead": str(u.dead_letter),
+        }
     for minutes in (1, 5):
         mean = mean_rates(rates, minutes)
         out[f"recv-{minutes}"] = "—" if mean is None else f"{mean[0]:.1f}/s"
@@ -273,20 +330,24 @@ return'<svg viewBox="0 0 '+w+' '+h+'"><line class="axis" x1="'+p+'" y1="'+(h-p)+
 (w-p)+'" y2="'+(h-p)+'"/>'+line(1,"upl")+line(0,"recv")+'<text x="'+p+'" y="12">'+
 top.toFixed(1)+'/s</text><text x="'+p+'" y="'+(h-3)+'">'+ago+
 '</text><text x="'+(w-p)+'" y="'+(h-3)+'" text-anchor="end">now</text></svg>'}
-function show(d){const s=d.snapshot,c=s.counters,f={
-verdict:!d.ready?"ATTENTION":s.uplink_state=="online"?"OK":"BUFFERING","uplink-type":s.uplink_type,
-"uplink-state":TEXT[s.uplink_state]||s.uplink_state,
-"last-ack":s.last_ack_at==null?"never":age(Math.max(0,s.taken_at-s.last_ack_at))+" ago",
-broker:s.ingress_connected?"connected":"NOT connected",depth:String(s.depth),
-"in-flight":String(s.in_flight),oldest:age(s.oldest_age_seconds),
-"dead-letters":String(s.dead_letter),"store-file":(s.store_file_bytes/1e6).toFixed(1)+" MB",
-received:String(c.ingress_received||0),uplinked:String(c.uplinked||0),
-dropped:Object.keys(s.dropped).sort().map(k=>k+": "+s.dropped[k]).join(", ")||"none",
+function show(d){const s=d.snapshot,c=s.counters,U=s.uplinks;let upl=0,dead=0;const drop=[];
+for(const u of U){upl+=u.counters.uplinked||0;dead+=u.dead_letter;
+for(const k of Object.keys(u.dropped).sort())drop.push((U.length>1?u.name+" ":"")+k+": "+u.dropped[k])}
+const f={verdict:!d.ready?"ATTENTION":U.every(u=>u.state=="online")?"OK":"BUFFERING",
+broker:s.ingress_connected?"connected":"NOT connected",
+"store-file":(s.store_file_bytes/1e6).toFixed(1)+" MB",received:String(c.ingress_received||0),
+uplinked:String(upl),"dead-letters":String(dead),dropped:drop.join(", ")||"none",
 uptime:age(Math.max(0,s.taken_at-s.started_at))};
+U.forEach((u,i)=>{const p="u"+i+"-";f[p+"name"]=u.name;f[p+"type"]=u.type;
+f[p+"state"]=TEXT[u.state]||u.state;
+f[p+"last-ack"]=u.last_ack_at==null?"never":age(Math.max(0,s.taken_at-u.last_ack_at))+" ago";
+f[p+"depth"]=String(u.depth);f[p+"in-flight"]=String(u.in_flight);
+f[p+"oldest"]=age(u.oldest_age_seconds);f[p+"dead"]=String(u.dead_letter)});
 for(const m of[1,5]){const x=mean(d.rates,m);f["recv-"+m]=x?x[0].toFixed(1)+"/s":"\\u2014";
 f["upl-"+m]=x?x[1].toFixed(1)+"/s":"\\u2014"}
-for(const k in f)document.getElementById(k).textContent=f[k];
-document.getElementById("uplink-state").className="big "+(CLS[s.uplink_state]||"warn");
+for(const k in f){const e=document.getElementById(k);if(e)e.textContent=f[k]}
+U.forEach((u,i)=>{const e=document.getElementById("u"+i+"-state");
+if(e)e.className="big "+(CLS[u.state]||"warn")});
 document.getElementById("broker").className="big "+(s.ingress_connected?"ok":"bad");
 document.querySelector("header").className=VCLS[f.verdict];
 document.title="OpenHQM gateway \\u2014 "+f.verdict;
@@ -309,7 +370,7 @@ def render_page(s: Snapshot, failures: list[str], rates: list[tuple[float, float
     script = _SCRIPT % {"step": RATE_STEP, "text": orjson.dumps(STATE_TEXT).decode(),
                         "cls": orjson.dumps(STATE_CLASS).decode(),
                         "vcls": orjson.dumps(VERDICT_CLASS).decode()}
-    state_cls = STATE_CLASS.get(s.uplink_state, "warn")
+    cards = "".join(_uplink_card(i, u, f) for i, u in enumerate(s.uplinks))
     return f"""<!doctype html><html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width,initial-scale=1">
 <noscript><meta http-equiv="refresh" content="5"></noscript>
@@ -317,13 +378,7 @@ def render_page(s: Snapshot, failures: list[str], rates: list[tuple[float, float
 <header class="{VERDICT_CLASS[f["verdict"]]}">
 <h1>OpenHQM Edge Gateway — <span id="verdict">{f["verdict"]}</span></h1></header>
 <main><ul id="problems">{problems}</ul><div class="grid">
-<section><h2>Uplink (<span id="uplink-type">{f["uplink-type"]}</span>)</h2>
-<div id="uplink-state" class="big {state_cls}">{f["uplink-state"]}</div>
-<div>last acknowledgement: <span id="last-ack">{f["last-ack"]}</span></div></section>
-<section><h2>Buffered messages</h2><div id="depth" class="big">{f["depth"]}</div>
-<div>oldest: <b id="oldest">{f["oldest"]}</b> ·
-in flight: <span id="in-flight">{f["in-flight"]}</span></div></section>
-<section><h2>Broker (ingress)</h2>
+{cards}<section><h2>Broker (ingress)</h2>
 <div id="broker" class="big {'ok' if s.ingress_connected else 'bad'}">{f["broker"]}</div>
 <div>up for <span id="uptime">{f["uptime"]}</span></div></section>
 <section class="wide"><h2>Messages per second</h2>
@@ -344,6 +399,18 @@ in flight: <span id="in-flight">{f["in-flight"]}</span></div></section>
 <a href="/status.json">status.json</a> ·
 <a href="/metrics">metrics</a> · <a href="/readyz">readyz</a></footer>
 </main><script>{script}</script></body></html>"""
+
+
+def _uplink_card(i: int, u: UplinkSnapshot, f: dict[str, str]) -> str:
+    p = f"u{i}-"
+    return f"""<section><h2>Uplink <span id="{p}name">{f[p + "name"]}</span>
+(<span id="{p}type">{f[p + "type"]}</span>)</h2>
+<div id="{p}state" class="big {STATE_CLASS.get(u.state, "warn")}">{f[p + "state"]}</div>
+<div>buffered: <b id="{p}depth">{f[p + "depth"]}</b> · oldest: <b id="{p}oldest">{f[p + "oldest"]}</b>
+· in flight: <span id="{p}in-flight">{f[p + "in-flight"]}</span></div>
+<div>last acknowledgement: <span id="{p}last-ack">{f[p + "last-ack"]}</span> ·
+dead letters: <span id="{p}dead">{f[p + "dead"]}</span></div></section>
+"""
 
 
 class ObservabilityServer:
@@ -368,7 +435,7 @@ class ObservabilityServer:
         while True:
             snap = await self.source()
             now = (snap.taken_at, snap.counters.get("ingress_received", 0),
-                   snap.counters.get("uplinked", 0))
+                   snap.total("uplinked"))
             if previous is not None:
                 dt = max(1e-3, now[0] - previous[0])
                 self.rates.append(((now[1] - previous[1]) / dt, (now[2] - previous[2]) / dt))

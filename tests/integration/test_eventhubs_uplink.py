@@ -389,7 +389,7 @@ def own_server() -> Iterator[EventHubsServer]:
 
 def uplink_state(gw: GatewayProcess) -> str:
     with urllib.request.urlopen(f"{gw.http_url()}/status.json", timeout=5) as resp:
-        return str(orjson.loads(resp.read())["snapshot"]["uplink_state"])
+        return str(orjson.loads(resp.read())["snapshot"]["uplinks"][0]["state"])
 
 
 def first_numbers(events: list[StoredEvent]) -> dict[str, list[int]]:

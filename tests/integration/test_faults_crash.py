@@ -204,7 +204,10 @@ def test_kill_mid_commit_by_durability(tmp_path: Path, mosquitto: ServerProcess,
     queue = {"type": "redis", "redis_url": f"redis://127.0.0.1:{redis_port}/0",
              "request_queue_name": f"{root}-stream", "redis_socket_timeout": "1s"}
     config = gateway_config(tmp_path, mosquitto.port, root, queue,
-                            store={"durability": durability, "commit_interval_ms": 5})
+                            # the uplink is down: keep the online commit interval, so commits
+                            # (and their fsyncs under full) come as often as while online
+                            store={"durability": durability, "commit_interval_ms": 5,
+                                   "offline_commit_interval_ms": 5})
     gw = TracedGateway(config, tmp_path, strace)
     gw.start()
     gw.attach()

@@ -47,12 +47,13 @@ def test_metrics_health_readiness_and_status_page(tmp_path: Path, mosquitto: Ser
     for n in range(50):
         pub.publish(f"{root}/t", b"%d" % n)
     pub.wait_all_acked(50)
-    wait_until(lambda: metric(get(f"{base}/metrics")[1], "openhqm_gateway_uplinked_total") == 50,
+    wait_until(lambda: metric(get(f"{base}/metrics")[1],
+                              'openhqm_gateway_uplinked_total{uplink="default"}') == 50,
                20, "50 uplinked")
     text = get(f"{base}/metrics")[1]
     assert metric(text, "openhqm_gateway_ingress_received_total") == 50
-    assert metric(text, "openhqm_gateway_backlog_messages") == 0
-    assert 'openhqm_gateway_uplink_state{type="redis",state="online"} 1' in text
+    assert metric(text, 'openhqm_gateway_backlog_messages{uplink="default"}') == 0
+    assert 'openhqm_gateway_uplink_state{uplink="default",type="redis",state="online"} 1' in text
     # The uplink goes away while messages keep coming: connected is not ready.
     redis.stop()
     for n in range(10):
@@ -60,7 +61,7 @@ def test_metrics_health_readiness_and_status_page(tmp_path: Path, mosquitto: Ser
     pub.wait_all_acked(60)
     wait_until(lambda: get(f"{base}/readyz")[0] == 503, 20, "readyz reports stuck")
     status, body = get(f"{base}/readyz")
-    assert "uplink stuck" in body and "messages waiting" in body
+    assert "uplink redis stuck" in body and "messages waiting" in body
     status, page = get(f"{base}/")
     assert status == 200 and "OpenHQM Edge Gateway" in page and "ATTENTION" in page
     assert get(f"{base}/nope")[0] == 404

@@ -184,7 +184,8 @@ def test_the_seed_example_forwards_every_message(tmp_path: Path, mosquitto: Serv
                    "every message sent by the handler")
         status, metrics = get(f"{gw.http_url()}/metrics")
         assert status == 200
-        assert 'openhqm_gateway_uplink_state{type="MyCustomQueue",state="online"} 1' in metrics
+        assert ('openhqm_gateway_uplink_state{uplink="default",type="MyCustomQueue",'
+                'state="online"} 1') in metrics
         assert "uplink MyCustomQueue connected" in gw.log()
         assert "TypeError" not in gw.log() and "abstract" not in gw.log()
         assert gw.stop() == 0

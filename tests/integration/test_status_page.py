@@ -42,26 +42,27 @@ def check_dom(dom: ElementText, before: dict[str, Any], after: dict[str, Any]) -
     # The script ran and fetched /status.json (the server-rendered page says "snapshot").
     assert text["updated"].startswith("live, updated "), text["updated"]
     snap = after["snapshot"]
-    assert text["depth"] == str(snap["depth"]) == "25"
+    (uplink,) = snap["uplinks"]  # one card per uplink; this gateway has one
+    assert text["u0-depth"] == str(uplink["depth"]) == "25"
     # while the uplink is down the forwarder probes with one message per backoff round
-    assert text["in-flight"] in {"0", "1"}, text["in-flight"]
-    assert text["uplink-type"] == "redis"
-    assert snap["uplink_state"] == "backing_off"
-    assert text["uplink-state"] == "offline, retrying"
-    assert ("div", {"id": "uplink-state", "class": "big bad"}) in dom.elements
+    assert text["u0-in-flight"] in {"0", "1"}, text["u0-in-flight"]
+    assert (text["u0-name"], text["u0-type"]) == ("default", "redis")
+    assert uplink["state"] == "backing_off"
+    assert text["u0-state"] == "offline, retrying"
+    assert ("div", {"id": "u0-state", "class": "big bad"}) in dom.elements
     assert text["broker"] == "connected"
     assert text["verdict"] == "ATTENTION"
     # The readiness failures, as /status.json words them (seconds aside: they tick).
     assert [re.sub(r"\d+", "N", f) for f in after["failures"]] == [
-        "uplink stuck: no acknowledgement for Ns with N messages waiting (> Ns)"]
+        "uplink redis stuck: no acknowledgement for Ns with N messages waiting (> Ns)"]
     assert re.sub(r"\d+", "N", text["problems"]) == re.sub(r"\d+", "N", after["failures"][0])
-    match = re.fullmatch(r"(\d+\.\d) s", text["oldest"])
-    assert match, text["oldest"]
+    match = re.fullmatch(r"(\d+\.\d) s", text["u0-oldest"])
+    assert match, text["u0-oldest"]
     oldest = float(match.group(1))
-    assert (before["snapshot"]["oldest_age_seconds"] - 0.05 <= oldest
-            <= snap["oldest_age_seconds"] + 0.05)
+    assert (before["snapshot"]["uplinks"][0]["oldest_age_seconds"] - 0.05 <= oldest
+            <= uplink["oldest_age_seconds"] + 0.05)
     assert text["received"] == "65" and text["uplinked"] == "40"
-    assert text["dead-letters"] == "0" and text["dropped"] == "none"
+    assert text["dead-letters"] == text["u0-dead"] == "0" and text["dropped"] == "none"
     # Rates: one 10 s sample per entry; what the page shows is one of the two fetches.
     assert any(text["recv-1"] == mean(r, 0, 6) and text["upl-1"] == mean(r, 1, 6)
                and text["recv-5"] == mean(r, 0, 30) and text["upl-5"] == mean(r, 1, 30)
@@ -89,13 +90,13 @@ def test_status_page_in_headless_chromium(tmp_path: Path, mosquitto: ServerProce
         for n in range(40):
             pub.publish(f"{root}/t", b"%d" % n)
         pub.wait_all_acked(40)
-        wait_until(lambda: status(base)["snapshot"]["counters"]["uplinked"] == 40, 15,
-                   "40 uplinked")
+        wait_until(lambda: status(base)["snapshot"]["uplinks"][0]["counters"]["uplinked"] == 40,
+                   15, "40 uplinked")
         # Before the first 10 s rate sample: online, OK, and no rates yet.
         first = parse_dom(dump_dom(browser, tmp_path / "profile", f"{base}/")).text
         assert first["updated"].startswith("live, updated ")
-        assert (first["verdict"], first["uplink-state"]) == ("OK", "online")
-        assert first["uplinked"] == "40" and first["depth"] == "0"
+        assert (first["verdict"], first["u0-state"]) == ("OK", "online")
+        assert first["uplinked"] == "40" and first["u0-depth"] == "0"
         if not status(base)["rates"]:
             assert first["recv-1"] == first["upl-5"] == "—"
             assert "collecting" in first["chart"]
@@ -103,8 +104,8 @@ def test_status_page_in_headless_chromium(tmp_path: Path, mosquitto: ServerProce
         for n in range(25):
             pub.publish(f"{root}/t", b"late%d" % n)
         pub.wait_all_acked(65)
-        wait_until(lambda: (s := status(base))["snapshot"]["depth"] == 25
-                   and s["snapshot"]["uplink_state"] == "backing_off" and not s["ready"]
+        wait_until(lambda: (s := status(base))["snapshot"]["uplinks"][0]["depth"] == 25
+                   and s["snapshot"]["uplinks"][0]["state"] == "backing_off" and not s["ready"]
                    and len(s["rates"]) >= 1, 20, "a backlog, the uplink down, one rate sample")
 
         before = status(base)

@@ -17,7 +17,7 @@ import pytest
 import gateway.forwarder as forwarder_module
 from gateway.config import LoggingConfig, parse_config
 from gateway.forwarder import STOP_GRACE, UPLINK_QUEUE, Forwarder
-from gateway.observability.http import Snapshot, readiness, render_metrics
+from gateway.observability.http import Snapshot, UplinkSnapshot, readiness, render_metrics
 from gateway.observability.logs import setup_logging
 from gateway.queue.interface import PublishResult
 from gateway.queue.registry import create_backend
@@ -163,11 +163,12 @@ async def filled_more(store: Store, n: int) -> None:
 
 def snapshot_of(fwd: Forwarder, depth: int) -> Snapshot:
     now = time.time()
+    uplink = UplinkSnapshot(name=fwd.queue, type=fwd.uplink.backend_name, state=fwd.stats.state,
+                            depth=depth, in_flight=0, oldest_age_seconds=0.1, dead_letter=0,
+                            last_ack_at=None, defect=fwd.stats.defect)
     return Snapshot(taken_at=now, started_at=now, ingress_connected=True, store_ok=True,
-                    uplink_type=fwd.uplink.backend_name, uplink_state=fwd.stats.state,
-                    depth=depth, in_flight=0, oldest_age_seconds=0.1, dead_letter=0,
-                    store_messages=depth, store_bytes=0, store_file_bytes=0, last_ack_at=None,
-                    commits=0, commit_seconds_total=0.0, uplink_defect=fwd.stats.defect)
+                    store_messages=depth, store_bytes=0, store_file_bytes=0, commits=0,
+                    commit_seconds_total=0.0, uplinks=[uplink])
 
 
 @pytest.mark.parametrize("bug", [TypeError, AttributeError, NameError])
@@ -250,10 +251,10 @@ def test_client_library_records_are_debug_detail(capsys: pytest.CaptureFixture[s
 
 def test_the_uplink_state_metric_lists_defective() -> None:
     text = render_metrics(Snapshot(
-        taken_at=0, started_at=0, ingress_connected=True, store_ok=True, uplink_type="x",
-        uplink_state="online", depth=0, in_flight=0, oldest_age_seconds=None, dead_letter=0,
-        store_messages=0, store_bytes=0, store_file_bytes=0, last_ack_at=None, commits=0,
-        commit_seconds_total=0.0))
-    assert 'openhqm_gateway_uplink_state{type="x",state="defective"} 0' in text
+        taken_at=0, started_at=0, ingress_connected=True, store_ok=True, store_messages=0,
+        store_bytes=0, store_file_bytes=0, commits=0, commit_seconds_total=0.0,
+        uplinks=[UplinkSnapshot(name="default", type="x", state="online", depth=0, in_flight=0,
+                                oldest_age_seconds=None, dead_letter=0, last_ack_at=None)]))
+    assert 'openhqm_gateway_uplink_state{uplink="default",type="x",state="defective"} 0' in text
     # nothing waits: no age (NaN, as status.json says null), not a misleading 0
-    assert "openhqm_gateway_backlog_oldest_age_seconds NaN" in text
+    assert 'openhqm_gateway_backlog_oldest_age_seconds{uplink="default"} NaN' in text
