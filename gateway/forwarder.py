@@ -298,11 +298,11 @@ class Forwarder:
         if ahead:
             await self._settled()
             self._settling = self.store.submit_settle(
-                Settlement(release=[m.seq for m in ahead.messages]))
+                Settlement(release=[m.seq for m in ahead.messages], cursor=self.queue))
         await self._settled()
 
     async def _publish_all(self, batch: _Batch) -> tuple[Settlement, UplinkUnavailable | None]:
-        settlement = Settlement()
+        settlement = Settlement(cursor=self.queue)
         unavailable: UplinkUnavailable | None = None
         for destination, group, messages in batch.groups:
             if unavailable is not None:

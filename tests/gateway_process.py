@@ -24,15 +24,17 @@ from tests.servers import wait_until
 REPO = Path(__file__).resolve().parents[1]
 
 
-def gateway_config(tmp: Path, mqtt_port: int, topic_root: str, queue: dict[str, Any],
+def gateway_config(tmp: Path, mqtt_port: int, topic_root: str, queue: dict[str, Any] | None,
                    **sections: dict[str, Any]) -> Path:
+    """A daemon's config file: the given ``queue:`` section (None: pass ``uplinks=...``
+    instead) and any other sections' keys over the test defaults."""
     cfg: dict[str, Any] = {
         "gateway": {"id": f"test-{uuid.uuid4().hex[:8]}", "state_dir": str(tmp / "state")},
         "ingress": {"port": mqtt_port, "subscriptions": [{"topic": f"{topic_root}/#", "qos": 1}],
                     "reconnect_min_delay": "100ms", "reconnect_max_delay": "1s"},
         "forwarder": {"retry_min_delay": "100ms", "retry_max_delay": "1s",
                       "publish_timeout": "5s"},
-        "queue": queue,
+        **({"queue": queue} if queue is not None else {}),
         "logging": {"level": "INFO"},
         "observability": {"listen": "127.0.0.1:0"},
     }

@@ -121,24 +121,33 @@ class DeliveryDb(AppendDb):
             if r.chain:
                 cur.chains[r.message.topic] = cur.chains.get(r.message.topic, 0) + 1
 
-    def _owner_of(self, handle: int) -> Cursor | None:
+    def _owner_of(self, handle: int, within: list[Cursor]) -> Cursor | None:
         """The cursor a handle was handed out by: a parked message's lease names it, a log
-        record is in its cursor's ``outstanding``."""
+        record is in the ``outstanding`` of one of ``within`` (the cursors of one queue share
+        seqs: a settlement names its cursor, see ``_within``)."""
         if handle < 0:
             name = self.leases.owner(handle)
             return None if name is None else self.cursors.get(name)
-        for cur in self.cursors.values():
+        for cur in within:
             if handle in cur.outstanding:
                 return cur
         return None
 
+    def _within(self, s: Settlement) -> list[Cursor]:
+        """The cursors a settlement may be about: the one it names, else every one."""
+        if s.cursor:
+            cur = self.cursors.get(s.cursor)
+            return [] if cur is None else [cur]
+        return list(self.cursors.values())
+
     def _settle(self, s: Settlement, now: float) -> None:
+        within = self._within(s)
         pids_done = [-h for h in s.delivered if h < 0]
         if pids_done or s.retry or s.dead:
-            self._settle_writes(s, pids_done, now)
+            self._settle_writes(s, pids_done, now, within)
         delivered = s.delivered if not pids_done else [h for h in s.delivered if h >= 0]
         if delivered:
-            for cur in self.cursors.values():
+            for cur in within:
                 before = len(delivered)
                 delivered = cur.settle_many(delivered)
                 cur.delivered_unsaved += before - len(delivered)
@@ -146,7 +155,7 @@ class DeliveryDb(AppendDb):
                     break
             self._refuse_appends_until = 0.0  # the drain made room
         for h in s.release:
-            owner = self._owner_of(h) if h >= 0 else None
+            owner = self._owner_of(h, within) if h >= 0 else None
             if owner is not None:
                 owner.give_back([owner.outstanding[h]])
         leases = self.leases
@@ -157,7 +166,8 @@ class DeliveryDb(AppendDb):
             leases.drop(h for h in s.release if h < 0)
         self.sync_cursors()
 
-    def _settle_writes(self, s: Settlement, pids_done: list[int], now: float) -> None:
+    def _settle_writes(self, s: Settlement, pids_done: list[int], now: float,
+                       within: list[Cursor]) -> None:
         """Delivered parked rows, retries and dead letters: one NORMAL transaction."""
         c = self._c
         self._begin(durable=False)
@@ -170,19 +180,19 @@ class DeliveryDb(AppendDb):
             dead: list[tuple[int, str]] = list(s.dead)
             retry_pids: list[tuple[int, float, str]] = []
             for h, delay, error in s.retry:
-                attempts = self._attempts(h)
+                attempts = self._attempts(h, within)
                 if attempts is None:
                     continue
-                if attempts + 1 >= self._max_attempts(h):
+                if attempts + 1 >= self._max_attempts(h, within):
                     dead.append((h, f"gave up after {attempts + 1} attempts: {error}"))
                 elif h < 0:
                     retry_pids.append((-h, now + delay, error))
-                elif (cur := self._owner_of(h)) is not None and h in cur.outstanding:
+                elif (cur := self._owner_of(h, within)) is not None and h in cur.outstanding:
                     self._park_rows(cur, [parked.ParkedRow(cur.outstanding[h], 1, now + delay, 1,
                                                            error[:1000])])
                     settled_log.append((cur, h))
             parked.retry(c, retry_pids)
-            settled_log += self._move_to_dead(dead, now)
+            settled_log += self._move_to_dead(dead, now, within)
             self._trim_dead()
             self._commit()
         except BaseException:
@@ -193,18 +203,19 @@ class DeliveryDb(AppendDb):
         for cur, h in settled_log:
             cur.settle(h)
 
-    def _max_attempts(self, handle: int) -> int:
+    def _max_attempts(self, handle: int, within: list[Cursor]) -> int:
         """The destination's own limit (its uplink's max_attempts), else the store's."""
-        owner = self._owner_of(handle)
+        owner = self._owner_of(handle, within)
         return (owner.max_attempts if owner is not None else 0) or self.limits.max_attempts
 
-    def _attempts(self, handle: int) -> int | None:
+    def _attempts(self, handle: int, within: list[Cursor]) -> int | None:
         if handle < 0:
             return parked.attempts_of(self._c, -handle)
-        cur = self._owner_of(handle)
+        cur = self._owner_of(handle, within)
         return 0 if cur is not None and handle in cur.outstanding else None
 
-    def _move_to_dead(self, items: list[tuple[int, str]], now: float) -> list[tuple[Cursor, int]]:
+    def _move_to_dead(self, items: list[tuple[int, str]], now: float,
+                      within: list[Cursor]) -> list[tuple[Cursor, int]]:
         c = self._c
         settled: list[tuple[Cursor, int]] = []
         for h, reason in items:
@@ -222,7 +233,7 @@ class DeliveryDb(AppendDb):
                 self._parked_gone(name, row[3], row[9], row[10])
                 attempts = row[8]
             else:
-                cur = self._owner_of(h)
+                cur = self._owner_of(h, within)
                 if cur is None or h not in cur.outstanding:
                     continue
                 msg, queue, attempts = cur.outstanding[h], cur.name, 0

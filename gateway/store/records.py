@@ -285,6 +285,9 @@ class Settlement:
     dead: list[tuple[int, str]] = field(default_factory=list)
     #: back to the queue at once, no attempt counted (uplink unavailable, shutdown)
     release: list[int] = field(default_factory=list)
+    #: the destination (cursor) that leased the batch: the cursors of one queue share seqs,
+    #: so with several uplinks a settlement must name it; '' = find it by handle
+    cursor: str = ""
 
 
 @dataclass(frozen=True, slots=True)

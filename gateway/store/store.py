@@ -7,9 +7,10 @@ Promises (on top of the SQL invariants in ``gateway.store.db``):
   (up to ``commit_batch_size``; one append is never split, so a large one can exceed it).
   Commits start at most once per ``commit_interval_ms``, which bounds fsyncs per second on
   an SD card; a message waits at most that interval plus one commit before it is durable.
-  While an uplink is unreachable (``uplink_state``) the interval is
+  While every uplink is unreachable (``uplink_state``) the interval is
   ``offline_commit_interval_ms``: nothing is waiting to be uplinked fast then, and fewer,
-  larger commits write less to the card and cost less CPU.
+  larger commits write less to the card and cost less CPU. One uplink online keeps commits
+  fast (its latency must not depend on another's outage).
 - Every SQLite call runs on one thread, in submission order; the event loop never blocks on
   disk I/O.
 - ``wait_ready`` wakes a consumer when messages are committed or released, or when the
@@ -67,6 +68,8 @@ class Store:
         self._wake = asyncio.Event()
         self._batch_full = asyncio.Event()
         self._ready: dict[str, asyncio.Event] = {}
+        #: queue -> the names of its cursors (registered destinations) to wake on a commit
+        self._readers: dict[str, tuple[str, ...]] = {}
         self._committer: asyncio.Task[None] | None = None
         self._sync_timer: asyncio.TimerHandle | None = None
         #: uplinks known to be unreachable: commits are spaced by offline_commit_interval_ms
@@ -168,14 +171,21 @@ class Store:
     def uplink_state(self, name: str, online: bool) -> None:
         """An uplink became reachable or unreachable (the forwarder says so)."""
         if online and name in self._offline:
+            was_all = self._all_offline()
             self._offline.discard(name)
-            self._batch_full.set()  # what waits for the long interval is committed now
+            if was_all:
+                self._batch_full.set()  # what waits for the long interval is committed now
         elif not online:
             self._offline.add(name)
 
+    def _all_offline(self) -> bool:
+        """Every uplink the store knows of is unreachable."""
+        uplinks = {n for names in self._readers.values() for n in names} or {"default"}
+        return bool(self._offline) and uplinks <= self._offline
+
     async def _commit_loop(self) -> None:
         while True:
-            interval = (self.cfg.offline_commit_interval_ms if self._offline
+            interval = (self.cfg.offline_commit_interval_ms if self._all_offline()
                         else self.cfg.commit_interval_ms) / 1000
             await self._wake.wait()
             if not self._pending:
@@ -206,7 +216,7 @@ class Store:
                 if not fut.done():
                     fut.set_result(outcomes)
             for queue in {q for q, _, _ in batch}:
-                self._notify(queue)
+                self._notify_queue(queue)
         self._last_commit = time.monotonic()
         self.last_commit_seconds = self._last_commit - started
         self.commit_seconds_total += self.last_commit_seconds
@@ -239,6 +249,12 @@ class Store:
     def _notify(self, queue: str) -> None:
         self._event(queue).set()
 
+    def _notify_queue(self, queue: str) -> None:
+        """New messages in ``queue``: wake its cursors (its registered destinations, or the
+        cursor named like it)."""
+        for name in self._readers.get(queue, (queue,)):
+            self._notify(name)
+
     async def lease(self, queue: str, limit: int, lease_seconds: float | None = None,
                     max_bytes: int = 0) -> list[StoredMessage]:
         """Lease ready messages: at most ``limit``, and at most ``max_bytes`` of payload
@@ -250,7 +266,9 @@ class Store:
 
     async def register(self, queue: str, destinations: Sequence[Destination]) -> list[str]:
         """The queue's destinations (uplinks), exactly; see ``StoreDb.register``."""
-        return await self._run(self._db.register, queue, destinations)
+        removed = await self._run(self._db.register, queue, destinations)
+        self._readers[queue] = tuple(d.name for d in destinations)
+        return removed
 
     def wake(self, queue: str) -> None:
         """End a ``wait_ready`` of ``queue`` now (the forwarder is stopping)."""

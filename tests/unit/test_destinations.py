@@ -141,3 +141,18 @@ def test_max_attempts_is_per_destination(tmp_path: Path) -> None:
     db.settle(Settlement(retry=[(tele.seq, 0.0, "throttled")]), time.time())
     assert db.list_dead("kafka", 10) == [], "kafka keeps the store's 10"
     db.close()
+
+
+def test_settlements_name_their_destination_the_cursors_share_seqs(tmp_path: Path) -> None:
+    """B delivers seq N while A, which holds the same seq N in flight, gives it back: A must
+    still get it (a settlement without its cursor once took it from A's books)."""
+    db = open_db(tmp_path / "s.db", Destination("a"), Destination("b"))
+    db.append([(Q, [msg("t/1", b"m0"), msg("t/1", b"m1")])])
+    held_a = db.lease("a", 10, 60.0, time.time())
+    held_b = db.lease("b", 10, 60.0, time.time())
+    assert [m.seq for m in held_a] == [m.seq for m in held_b]
+    db.settle(Settlement(delivered=[m.seq for m in held_b], cursor="b"), time.time())
+    db.settle(Settlement(release=[m.seq for m in held_a], cursor="a"), time.time())
+    assert [m.payload for m in db.lease("a", 10, 60.0, time.time())] == [b"m0", b"m1"]
+    assert db.depth("b") == 0
+    db.close()
