@@ -38,7 +38,7 @@ class SqliteQueue(MessageQueueInterface):
         self.name = name
         self._cfg = store_cfg or StoreConfig()
         self._store: Store | None = None
-        self._in_flight: dict[str, int] = {}
+        self._in_flight: dict[str, tuple[str, int]] = {}  # id -> (cursor, seq)
 
     @classmethod
     def from_config(cls, config: Config) -> Self:
@@ -138,7 +138,7 @@ class SqliteQueue(MessageQueueInterface):
                 continue
             for stored in batch:
                 msg = stored.to_queue_message()
-                self._in_flight[msg.id] = stored.seq
+                self._in_flight[msg.id] = (queue_name, stored.seq)
                 try:
                     await handler(msg)
                 except asyncio.CancelledError:
@@ -147,21 +147,23 @@ class SqliteQueue(MessageQueueInterface):
                     await self.reject(msg.id, requeue=True, reason=f"handler raised: {exc!r}")
 
     async def acknowledge(self, message_id: str) -> bool:
-        seq = self._in_flight.pop(message_id, None)
-        if seq is None:
+        leased = self._in_flight.pop(message_id, None)
+        if leased is None:
             return False
-        await self.store.settle(Settlement(delivered=[seq]))
+        cursor, seq = leased
+        await self.store.settle(Settlement(delivered=[seq], cursor=cursor))
         return True
 
     async def reject(self, message_id: str, requeue: bool = True, reason: str = "") -> bool:
-        seq = self._in_flight.pop(message_id, None)
-        if seq is None:
+        leased = self._in_flight.pop(message_id, None)
+        if leased is None:
             return False
+        cursor, seq = leased
         why = reason or "rejected by the consumer"
         if requeue:
-            await self.store.settle(Settlement(retry=[(seq, 0.0, why)]))
+            await self.store.settle(Settlement(retry=[(seq, 0.0, why)], cursor=cursor))
         else:
-            await self.store.settle(Settlement(dead=[(seq, why)]))
+            await self.store.settle(Settlement(dead=[(seq, why)], cursor=cursor))
         return True
 
     async def get_queue_depth(self, queue_name: str) -> int:

@@ -30,6 +30,7 @@ import contextlib
 import os
 import sqlite3
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -125,6 +126,9 @@ class StoreDb(DeliveryDb):
             cur.max_attempts = d.max_attempts
             if self.owner:
                 cur.backlog = self._scan_backlog(cur, cur.read_seq, cur.read_pos)
+        if self.log is not None:
+            readers = Counter(c.queue for c in self.cursors.values())
+            self.log.shared_reads = any(n > 1 for n in readers.values())
         self._retotal()
         return [c.name for c in removed]
 

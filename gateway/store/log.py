@@ -13,6 +13,12 @@ Invariants kept here (numbers as in ``docs/architecture.md``):
   which is the lowest *persisted* cursor;
 - (5) a reader accepts a frame only when its header names the position it is read from; a frame
   that fails its CRC or decoding is returned as damaged so the caller counts and skips it.
+
+Several readers of one queue (several uplinks) read the same frames: with ``shared_reads``
+on, the last ``SHARED_FRAMES`` decoded frames are kept by position, so the second uplink's
+read of a frame costs no blob read, CRC or decompression. A position names one frame for as
+long as it is live (positions only grow; ``restore`` forgets them, since the rolled-back
+positions are written again).
 """
 
 from __future__ import annotations
@@ -30,6 +36,10 @@ log = logging.getLogger("gateway.store")
 SPARE_SEGMENTS = 4
 #: how much of a segment a reader fetches with one blob read
 READ_CHUNK = 256 * 1024
+#: decoded frames kept for the other readers of a queue (``shared_reads``) ...
+SHARED_FRAMES = 8
+#: ... of at most this many stored bytes each
+SHARED_FRAME_MAX = 512 * 1024
 
 
 @dataclass(slots=True)
@@ -90,6 +100,9 @@ class Log:
         self.head_pos = 0
         self.head_seq = 0
         self.head_cum = 0
+        #: keep recently decoded frames for other readers (a queue has several cursors)
+        self.shared_reads = False
+        self._recent: dict[int, Frame] = {}
 
     # -- opening -----------------------------------------------------------------------
 
@@ -142,6 +155,7 @@ class Log:
                          [(s, s.base) for s in self.free], self.current)
 
     def restore(self, snap: _Snapshot) -> None:
+        self._recent.clear()
         self.head_pos, self.head_seq, self.head_cum = snap.head_pos, snap.head_seq, snap.head_cum
         del self.index.live[snap.live:]
         self.index = SegmentIndex(self.index.live)
@@ -194,6 +208,9 @@ class Log:
             if i < 0:  # before every live segment (dropped): start at the oldest
                 pos = index.live[0].base
                 continue
+            recent = self._recent.get(pos)
+            if recent is not None:
+                return recent, pos
             seg = index.live[i]
             end = index.end(i, self.head_pos)
             raw = chunk.get(self.io, seg, pos, HEADER_SIZE, end) if pos + HEADER_SIZE <= end else b""
@@ -203,9 +220,14 @@ class Log:
                 continue
             body = chunk.get(self.io, seg, pos + HEADER_SIZE, header.body_len, end)
             try:
-                return Frame(header, body), pos
+                frame = Frame(header, body)
             except FrameError as exc:
                 return Damaged(header, str(exc)), pos
+            if self.shared_reads and header.body_len <= SHARED_FRAME_MAX:
+                if len(self._recent) >= SHARED_FRAMES:
+                    del self._recent[next(iter(self._recent))]
+                self._recent[pos] = frame
+            return frame, pos
         return None, pos
 
     # -- freeing -----------------------------------------------------------------------
