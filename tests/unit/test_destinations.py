@@ -7,7 +7,11 @@ import dataclasses
 import os
 import time
 from pathlib import Path
+from typing import Any
 
+import pytest
+
+import gateway.store.log as log_module
 from gateway.config import StoreConfig
 from gateway.store import NewMessage, Settlement
 from gateway.store.db import Destination, Limits, StoreDb
@@ -156,3 +160,29 @@ def test_settlements_name_their_destination_the_cursors_share_seqs(tmp_path: Pat
     assert [m.payload for m in db.lease("a", 10, 60.0, time.time())] == [b"m0", b"m1"]
     assert db.depth("b") == 0
     db.close()
+
+
+def test_readers_of_one_queue_share_decoded_frames_and_forget_them_on_rollback(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    decoded = []
+
+    class CountedFrame(log_module.Frame):
+        def __init__(self, header: Any, body: Any) -> None:
+            decoded.append(header.pos)
+            super().__init__(header, body)
+
+    monkeypatch.setattr(log_module, "Frame", CountedFrame)
+    db = open_db(tmp_path / "s.db", TELEMETRY, EVERYTHING)
+    assert db.log is not None and db.log.shared_reads
+    db.append([(Q, mixed(50))])
+    first = db.lease("archive", 100, 60.0, time.time())
+    second = db.lease("kafka", 100, 60.0, time.time())
+    assert len(first) == 50 and len(second) == 40
+    assert len(decoded) == 1  # one frame, decoded once, read by both cursors
+    snap = db.log.snapshot()
+    db.log.restore(snap)  # a rolled-back append: its positions are written again
+    assert not db.log._recent
+    db.close()
+    single = open_db(tmp_path / "one.db", EVERYTHING)
+    assert single.log is not None and not single.log.shared_reads
+    single.close()
