@@ -30,6 +30,15 @@ from typing import Annotated, Any, Literal
 
 import yaml
 
+from gateway.downlink.settings import (
+    DownlinkConfig,
+    IngressView,
+    downlink_problems,
+    mqtt_source_problem,
+    overrides_masked,
+    parse_downlink,
+    render_source,
+)
 from gateway.errors import ConfigError, raise_config_errors
 from gateway.queue.registry import settings_class
 from gateway.settings import DURATION, SIZE, parse_dataclass, parse_value, secret, to_plain
@@ -76,6 +85,9 @@ class IngressConfig:
     subscriptions: list[Subscription] = field(
         default_factory=lambda: [Subscription("sensors/#", 1)]
     )
+    #: topic filters whose messages are acknowledged and not stored (e.g. the downlink's
+    #: command topics when a subscription covers them)
+    exclude: list[str] = field(default_factory=list)
     max_message_bytes: Annotated[int, SIZE] = 256 * 1024
     #: how long the broker keeps the session (and queued messages) while we are away
     session_expiry: Annotated[float, DURATION] = 7 * 86400.0
@@ -143,6 +155,8 @@ class QueueConfig:
     dlq_name: str = "openhqm-dlq"
     #: the backend's own keys, as its settings dataclass
     settings: Any = None
+    #: commands from the cloud to the devices (gateway/downlink/)
+    downlink: DownlinkConfig = field(default_factory=DownlinkConfig)
 
 
 @dataclass(frozen=True, slots=True)
@@ -325,9 +339,14 @@ def _parse_queue(raw: Any, source: str) -> QueueConfig:
     type_name = parse_value(str, raw.get("type", "redis"), "queue.type", source)
     settings_cls = settings_class(type_name, source)
     common = {k: v for k, v in raw.items() if k in _QUEUE_COMMON and k != "type"}
-    own = {k: v for k, v in raw.items() if k not in _QUEUE_COMMON}
+    own = {k: v for k, v in raw.items() if k not in _QUEUE_COMMON and k != "downlink"}
     errors: list[ConfigError] = []
     base = settings = None
+    downlink = DownlinkConfig()
+    try:
+        downlink = parse_downlink(raw.get("downlink"), "queue.downlink", source, settings_cls)
+    except ConfigError as exc:
+        errors.extend(exc.all)
     try:
         base = parse_dataclass(QueueConfig, common, "queue", source)
     except ConfigError as exc:
@@ -339,7 +358,7 @@ def _parse_queue(raw: Any, source: str) -> QueueConfig:
     raise_config_errors(errors)
     assert base is not None
     return QueueConfig(type_name, base.request_queue_name, base.response_queue_name,
-                       base.dlq_name, settings)
+                       base.dlq_name, settings, downlink)
 
 
 def validate(cfg: Config) -> None:
@@ -350,6 +369,9 @@ def validate(cfg: Config) -> None:
     p.check(bool(ing.subscriptions), "ingress.subscriptions", [], "needs at least one topic")
     for i, sub in enumerate(ing.subscriptions):
         p.check(_valid_filter(sub.topic), f"ingress.subscriptions[{i}].topic", sub.topic,
+                "not a valid MQTT topic filter")
+    for i, excluded in enumerate(ing.exclude):
+        p.check(_valid_filter(excluded), f"ingress.exclude[{i}]", excluded,
                 "not a valid MQTT topic filter")
     for i, route in enumerate(fw.routes):
         p.check(_valid_filter(route.topic), f"forwarder.routes[{i}].topic", route.topic,
@@ -382,12 +404,28 @@ def validate(cfg: Config) -> None:
             fw.retry_max_delay, "must be at least forwarder.retry_min_delay")
     p.check(fw.publish_timeout > 0, "forwarder.publish_timeout", fw.publish_timeout,
             "must be positive")
+    p.found += _downlink_problems(cfg)
     listen = cfg.observability.listen
     if listen:
         host, _, port = listen.rpartition(":")
         p.check(bool(host) and port.isdigit() and 0 <= int(port) <= 65535,
                 "observability.listen", listen, "expected host:port, e.g. 127.0.0.1:9108")
     raise_config_errors(p.found)
+
+
+def _downlink_problems(cfg: Config) -> list[ConfigError]:
+    q = cfg.queue
+    destinations = [q.request_queue_name, *(r.destination for r in cfg.forwarder.routes)]
+    source_name = render_source(q.downlink, q.response_queue_name, cfg.gateway_id)
+    found = downlink_problems(
+        q.downlink, "queue.downlink", source=cfg.source, source_name=source_name,
+        ingress=IngressView([s.topic for s in cfg.ingress.subscriptions], cfg.ingress.exclude),
+        uplink_destinations=destinations)
+    if q.downlink.enabled and q.type == "mqtt":
+        found += mqtt_source_problem(q.downlink, q.settings, "queue.downlink",
+                                     source_name=source_name, destinations=destinations,
+                                     gateway_id=cfg.gateway_id, source=cfg.source)
+    return found
 
 
 class _Problems:
@@ -419,6 +457,10 @@ def effective_config(cfg: Config) -> dict[str, Any]:
     plain: dict[str, Any] = to_plain(cfg, mask=True)
     queue = plain.pop("queue")
     settings = queue.pop("settings") or {}
+    downlink = queue.get("downlink") or {}
+    if downlink.get("overrides"):
+        downlink["overrides"] = overrides_masked(cfg.queue.downlink.overrides,
+                                                 type(cfg.queue.settings))
     plain["queue"] = {**queue, **settings}
     plain.pop("source", None)
     return plain
