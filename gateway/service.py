@@ -1,6 +1,7 @@
 """The daemon's lifecycle: one TaskGroup of named tasks around the store.
 
-Tasks: ``ingress`` (MQTT -> store), ``forwarder`` (store -> uplink), ``retention``
+Tasks: ``ingress`` (MQTT -> store), ``forwarder`` (store -> uplink), ``downlink`` (uplink's
+backend -> local broker, when ``queue.downlink.enabled``), ``retention``
 (max_age expiry and space reclaim on a timer), ``ready`` (sd_notify READY=1 once
 subscribed), ``http`` (metrics, health, status page), ``watchdog`` (systemd pings, when
 WatchdogSec= is set).
@@ -25,6 +26,7 @@ import sqlite3
 import time
 
 from gateway.config import Config
+from gateway.downlink.downlink import Downlink
 from gateway.errors import StoreError
 from gateway.forwarder import UPLINK_QUEUE, Forwarder
 from gateway.ingress import MqttIngress
@@ -49,6 +51,7 @@ class Gateway:
         self.uplink = uplink if uplink is not None else create_backend(config)
         self.ingress = MqttIngress(config.ingress, config.ingress_client_id, self._sink)
         self.forwarder = Forwarder(self.store, self.uplink, config)
+        self.downlink = Downlink(config) if config.queue.downlink.enabled else None
         self._stop = asyncio.Event()
         self._signals = 0
         self._started_at = time.time()
@@ -75,10 +78,12 @@ class Gateway:
             commits=self.store.commits, commit_seconds_total=self.store.commit_seconds_total,
             counters={"ingress_received": ing.received, "ingress_acked": ing.acked,
                       "ingress_dead_lettered": ing.dead_lettered, "ingress_dropped": ing.dropped,
-                      "ingress_duplicates": ing.duplicates, "uplinked": fwd.delivered,
+                      "ingress_duplicates": ing.duplicates, "ingress_excluded": ing.excluded,
+                      "uplinked": fwd.delivered,
                       "retried": fwd.retried, "dead_lettered": fwd.dead_lettered,
                       "batches": fwd.batches},
-            dropped=stats.dropped if stats else {}, uplink_defect=fwd.defect)
+            dropped=stats.dropped if stats else {}, uplink_defect=fwd.defect,
+            downlinks=() if self.downlink is None else (self.downlink.snapshot(),))
 
     async def _watchdog(self, interval: float) -> None:
         """Ping systemd's watchdog from the event loop: a hung loop stops the pings and
@@ -101,6 +106,9 @@ class Gateway:
             async with asyncio.TaskGroup() as tg:
                 ingress = tg.create_task(self.ingress.run(), name="ingress")
                 forwarder = tg.create_task(self.forwarder.run(), name="forwarder")
+                stoppable = [ingress, forwarder]
+                if self.downlink is not None:
+                    stoppable.append(tg.create_task(self.downlink.run(), name="downlink"))
                 helpers = [tg.create_task(self._retention(), name="retention"),
                            tg.create_task(self._announce_ready(), name="ready")]
                 if self.http is not None:
@@ -113,7 +121,7 @@ class Gateway:
                 log.info("stopping: finishing in-flight work")
                 for task in helpers:
                     task.cancel()
-                await self._drain_and_stop(ingress, forwarder)
+                await self._drain_and_stop(*stoppable)
         finally:
             try:
                 await asyncio.wait_for(self.uplink.disconnect(), DISCONNECT_TIMEOUT)
@@ -124,6 +132,8 @@ class Gateway:
 
     async def _drain_and_stop(self, *tasks: asyncio.Task[None]) -> None:
         self.forwarder.stop()
+        if self.downlink is not None:
+            self.downlink.stop()
         try:
             await asyncio.wait_for(self.ingress.stop(), STOP_TIMEOUT)
         except TimeoutError:

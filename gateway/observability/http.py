@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import orjson
 
 from gateway.config import ObservabilityConfig
+from gateway.downlink.downlink import DownlinkStats
 
 log = logging.getLogger("gateway.http")
 
@@ -62,6 +63,8 @@ class Snapshot:
     dropped: dict[str, int] = field(default_factory=dict)
     #: the programming error the uplink's code raised ("TypeError: ..."); '' when none
     uplink_defect: str = ""
+    #: one per uplink with ``downlink.enabled``
+    downlinks: tuple[DownlinkStats, ...] = ()
 
 
 SnapshotSource = Callable[[], Awaitable[Snapshot]]
@@ -85,6 +88,9 @@ def readiness(s: Snapshot, cfg: ObservabilityConfig) -> list[str]:
         if since_ack > cfg.stuck_no_ack:
             failures.append(f"uplink stuck: no acknowledgement for {since_ack:.0f}s with "
                             f"{s.depth} messages waiting (> {cfg.stuck_no_ack:.0f}s)")
+    for dl in s.downlinks:
+        if dl.state == "failed":
+            failures.append(f"downlink of uplink {dl.uplink} failed: {dl.last_error}")
     return failures
 
 
@@ -94,6 +100,7 @@ _HELP = {
     "ingress_dead_lettered": "messages dead-lettered on arrival (too large)",
     "ingress_dropped": "messages refused on arrival (store full, reject_new)",
     "ingress_duplicates": "QoS 2 redeliveries recognised and not stored twice",
+    "ingress_excluded": "messages on ingress.exclude topics, acknowledged and not stored",
     "uplinked": "messages the uplink acknowledged",
     "retried": "message deliveries scheduled for a retry",
     "dead_lettered": "messages dead-lettered by the forwarder",
@@ -137,7 +144,39 @@ def render_metrics(s: Snapshot) -> str:
         out.append(f'{full}{{type="{s.uplink_type}",state="{state}"}} {int(state == s.uplink_state)}')
     metric("uplink_last_ack_timestamp_seconds", "gauge", "when the uplink last acknowledged",
            s.last_ack_at or 0.0)
+    if s.downlinks:
+        out.extend(render_downlink_metrics(s.downlinks))
     return "\n".join(out) + "\n"
+
+
+_DOWNLINK_COUNTERS = {
+    "received": "commands consumed at the uplink's backend",
+    "delivered": "commands the local broker acknowledged (then acknowledged at the backend)",
+    "expired": "commands dropped because their expires_at passed before delivery",
+    "dead_lettered": "commands sent to the backend's dead-letter destination",
+    "retried": "commands the local broker refused, handed back for another attempt",
+    "redelivered": "commands the backend delivered again (possible duplicates)",
+    "republished": "commands published again after a lost PUBACK (possible duplicates)",
+    "settle_failures": "acknowledge/reject calls the backend refused (delivered again)",
+}
+DOWNLINK_STATES = ("starting", "online", "local_broker_down", "backend_unavailable", "failed",
+                   "stopped")
+
+
+def render_downlink_metrics(downlinks: tuple[DownlinkStats, ...]) -> list[str]:
+    out: list[str] = []
+    for name, help_text in _DOWNLINK_COUNTERS.items():
+        full = f"openhqm_gateway_downlink_{name}_total"
+        out.append(f"# HELP {full} {help_text}\n# TYPE {full} counter")
+        out.extend(f'{full}{{uplink="{d.uplink}"}} {getattr(d, name)}' for d in downlinks)
+    full = "openhqm_gateway_downlink_state"
+    out.append(f"# HELP {full} 1 for the downlink's current state\n# TYPE {full} gauge")
+    out.extend(f'{full}{{uplink="{d.uplink}",state="{state}"}} {int(state == d.state)}'
+               for d in downlinks for state in DOWNLINK_STATES)
+    full = "openhqm_gateway_downlink_last_delivery_timestamp_seconds"
+    out.append(f"# HELP {full} when the local broker last took a command\n# TYPE {full} gauge")
+    out.extend(f'{full}{{uplink="{d.uplink}"}} {d.last_delivered_at or 0.0}' for d in downlinks)
+    return out
 
 
 # --- the status page ------------------------------------------------------------------------
@@ -151,6 +190,11 @@ STATE_TEXT = {"online": "online", "connecting": "connecting", "backing_off": "of
               "defective": "defect in the uplink's code", "stopped": "stopped"}
 STATE_CLASS = {"online": "ok", "connecting": "warn", "backing_off": "bad", "defective": "bad",
                "stopped": "warn"}
+DOWNLINK_TEXT = {"starting": "starting", "online": "online",
+                 "local_broker_down": "local broker unreachable",
+                 "backend_unavailable": "backend unreachable", "failed": "failed",
+                 "stopped": "stopped"}
+DOWNLINK_CLASS = {"online": "ok", "starting": "warn", "stopped": "warn"}
 #: verdict -> header class: ready and online; ready but the uplink is not online (messages are
 #: buffered, not yet past the stuck thresholds); not ready
 VERDICT_CLASS = {"OK": "", "BUFFERING": "buffering", "ATTENTION": "down"}
@@ -209,6 +253,33 @@ def _fields(s: Snapshot, failures: list[str],
     return out
 
 
+def _downlink_fields(d: DownlinkStats, taken_at: float) -> dict[str, str]:
+    """The downlink card's element id -> text, exactly as the page's script computes it."""
+    return {
+        "dl-source": f"{d.type} {d.source}",
+        "dl-state": DOWNLINK_TEXT.get(d.state, d.state),
+        "dl-received": str(d.received),
+        "dl-delivered": str(d.delivered),
+        "dl-expired": str(d.expired),
+        "dl-dead": str(d.dead_lettered),
+        "dl-last": "never" if d.last_delivered_at is None
+        else fmt_age(max(0.0, taken_at - d.last_delivered_at)) + " ago",
+    }
+
+
+def _downlink_card(s: Snapshot) -> str:
+    if not s.downlinks:
+        return ""
+    d = s.downlinks[0]
+    f = {k: html.escape(v) for k, v in _downlink_fields(d, s.taken_at).items()}
+    return f"""<section><h2>Downlink (<span id="dl-source">{f["dl-source"]}</span>)</h2>
+<div id="dl-state" class="big {DOWNLINK_CLASS.get(d.state, "bad")}">{f["dl-state"]}</div>
+<div>delivered <b id="dl-delivered">{f["dl-delivered"]}</b> of
+<span id="dl-received">{f["dl-received"]}</span> received · expired
+<span id="dl-expired">{f["dl-expired"]}</span> · dead letters <span id="dl-dead">{f["dl-dead"]}</span>
+</div><div>last command: <span id="dl-last">{f["dl-last"]}</span></div></section>"""
+
+
 def render_chart(rates: list[tuple[float, float]]) -> str:
     """An SVG line chart of received (blue) and uplinked (green) messages per second."""
     w, h, pad = 640, 140, 18
@@ -254,7 +325,7 @@ polyline{fill:none;stroke-width:2}.recv{stroke:#0969da;stroke-dasharray:6 3}.upl
 # Mirrors verdict, fmt_age, mean_rates, _fields and render_chart above: keep them in step (the
 # integration test compares the rendered DOM with /status.json).
 _SCRIPT = """
-const STEP=%(step)d,TEXT=%(text)s,CLS=%(cls)s,VCLS=%(vcls)s;
+const STEP=%(step)d,TEXT=%(text)s,CLS=%(cls)s,VCLS=%(vcls)s,DLT=%(dltext)s,DLC=%(dlcls)s;
 function age(s){if(s==null)return"\\u2014";if(s<60)return s.toFixed(1)+" s";
 if(s<3600)return Math.floor(s/60)+" min "+Math.floor(s%%60)+" s";
 if(s<86400)return Math.floor(s/3600)+" h "+Math.floor(s%%3600/60)+" min";
@@ -286,6 +357,12 @@ uptime:age(Math.max(0,s.taken_at-s.started_at))};
 for(const m of[1,5]){const x=mean(d.rates,m);f["recv-"+m]=x?x[0].toFixed(1)+"/s":"\\u2014";
 f["upl-"+m]=x?x[1].toFixed(1)+"/s":"\\u2014"}
 for(const k in f)document.getElementById(k).textContent=f[k];
+const dl=(s.downlinks||[])[0];if(dl&&document.getElementById("dl-state")){const g={
+"dl-source":dl.type+" "+dl.source,"dl-state":DLT[dl.state]||dl.state,"dl-received":String(dl.received),
+"dl-delivered":String(dl.delivered),"dl-expired":String(dl.expired),"dl-dead":String(dl.dead_lettered),
+"dl-last":dl.last_delivered_at==null?"never":age(Math.max(0,s.taken_at-dl.last_delivered_at))+" ago"};
+for(const k in g)document.getElementById(k).textContent=g[k];
+document.getElementById("dl-state").className="big "+(DLC[dl.state]||"bad")}
 document.getElementById("uplink-state").className="big "+(CLS[s.uplink_state]||"warn");
 document.getElementById("broker").className="big "+(s.ingress_connected?"ok":"bad");
 document.querySelector("header").className=VCLS[f.verdict];
@@ -308,7 +385,9 @@ def render_page(s: Snapshot, failures: list[str], rates: list[tuple[float, float
     problems = "".join(f"<li>{html.escape(x)}</li>" for x in failures)
     script = _SCRIPT % {"step": RATE_STEP, "text": orjson.dumps(STATE_TEXT).decode(),
                         "cls": orjson.dumps(STATE_CLASS).decode(),
-                        "vcls": orjson.dumps(VERDICT_CLASS).decode()}
+                        "vcls": orjson.dumps(VERDICT_CLASS).decode(),
+                        "dltext": orjson.dumps(DOWNLINK_TEXT).decode(),
+                        "dlcls": orjson.dumps(DOWNLINK_CLASS).decode()}
     state_cls = STATE_CLASS.get(s.uplink_state, "warn")
     return f"""<!doctype html><html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width,initial-scale=1">
@@ -339,7 +418,7 @@ in flight: <span id="in-flight">{f["in-flight"]}</span></div></section>
 <tr><th>dead letters</th><td id="dead-letters">{f["dead-letters"]}</td></tr>
 <tr><th>dropped</th><td id="dropped">{f["dropped"]}</td></tr>
 <tr><th>store file</th><td id="store-file">{f["store-file"]}</td></tr></table></section>
-</div>
+{_downlink_card(s)}</div>
 <footer><span id="updated">snapshot; without JavaScript the page reloads every 5 s</span> ·
 <a href="/status.json">status.json</a> ·
 <a href="/metrics">metrics</a> · <a href="/readyz">readyz</a></footer>
