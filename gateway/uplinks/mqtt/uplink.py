@@ -42,8 +42,8 @@ acknowledgement, at QoS 1/2 only:
 - MQTT 5 properties of a received message become attributes: response topic
   (``response_topic``), correlation data (``correlation_id``, or ``correlation_data_base64``
   when not UTF-8) and message expiry (``expires_at``: the receipt time plus the remaining
-  interval the broker sent, UNIX seconds). A message from a plain MQTT client (without the
-  gateway's ``openhqm_message_id``) that has no ``mqtt_topic`` gets the part of its topic the
+  interval the broker sent, UNIX seconds). A message from a plain MQTT client (not a gateway's
+  uplink: no ``openhqm_uplink``) that has no ``mqtt_topic`` gets the part of its topic the
   template's ``{topic}`` matched: ``down/{queue}/{topic}`` consumed for ``cmd`` turns
   ``down/cmd/devices/d1/set`` into ``mqtt_topic`` = ``devices/d1/set`` (the downlink's local
   topic; gateway/downlink/).
@@ -466,8 +466,8 @@ def _to_message(raw: mqtt.MQTTMessage, local_topic: str | None = None) -> QueueM
     for key, value in user:
         props[str(key)] = str(value)
     _request_response(properties, props)
-    if ATTR_MESSAGE_ID not in props and ATTR_MQTT_TOPIC not in props and local_topic:
-        props[ATTR_MQTT_TOPIC] = local_topic
+    if PROP_UPLINK not in props and ATTR_MQTT_TOPIC not in props and local_topic:
+        props[ATTR_MQTT_TOPIC] = local_topic  # from a plain client, not a gateway's uplink
     message_id = props.pop(ATTR_MESSAGE_ID, "") or f"mqtt-{raw.topic}-{raw.mid}"
     retry = props.pop(PROP_RETRY, "0")
     props.pop(PROP_UPLINK, None)
