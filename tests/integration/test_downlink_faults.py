@@ -8,12 +8,16 @@ mosquitto as the local broker:
   status page's downlink card says so while it lasts (headless Chromium);
 - kill -9 of the daemon in the middle of 1,000 commands: after the restart every command
   reaches its device, in order; the duplicates the device sees are few (at most the batch
-  the backend had handed out) and each one was counted by the gateway as a redelivery.
+  the backend had handed out) and each one was counted by the gateway as a redelivery;
+- a command the broker refuses (an ACL: PUBACK 0x87) is retried, then lands in the backend's
+  dead-letter stream with the reason, while the next command goes through.
 """
 
 from __future__ import annotations
 
 import asyncio
+import getpass
+import subprocess
 import time
 import uuid
 from collections import defaultdict
@@ -24,10 +28,10 @@ from typing import Any
 import pytest
 
 from tests.chromium import dump_dom, parse_dom
-from tests.gateway_process import GatewayProcess
+from tests.gateway_process import GatewayProcess, gateway_config
 from tests.integration.downlink_clouds import Cloud, Command, Device, cloud_for, now_plus
 from tests.integration.test_downlink import downlink, start, wait, wait_depth
-from tests.servers import ServerProcess, require_binary
+from tests.servers import ServerProcess, mosquitto_server, require_binary
 
 pytestmark = pytest.mark.integration
 
@@ -129,3 +133,64 @@ async def test_kill_9_mid_downlink_loses_nothing_and_counts_the_duplicates(
     assert stats["redelivered"] >= duplicates, (stats, duplicates)
     print(f"kill -9 after {killed_at} of {total} commands: {duplicates} duplicates, "
           f"{stats['redelivered']} counted as redelivered")
+
+
+async def test_a_command_the_broker_refuses_ends_in_the_dead_letter_stream_with_the_reason(
+        tmp_path: Path, cloud: Cloud) -> None:
+    # mosquitto with an ACL: the gateway may publish commands to device d0 only; d9's are
+    # refused (PUBACK 0x87). max_attempts 2: one retry, then the backend's dead-letter stream.
+    broker = acl_broker(tmp_path / "local-broker", cloud.tag)
+    broker.start()
+    cloud.queue["downlink"] |= {"max_attempts": 2}
+    gateway_config(tmp_path, broker.port, f"gw/{cloud.tag}", cloud.queue,
+                   ingress={"username": "gw", "password": "pw"})
+    device = Device(broker.port, f"dl/{cloud.tag}/#")
+    gw = start(tmp_path, broker.port, cloud)
+    try:
+        refused, fine = Command("d9", 1), Command("d0", 2)
+        await cloud.send([refused, fine])
+        device.wait_for(1)
+        await wait(lambda: downlink(gw)["dead_lettered"] == 1, 20, "the dead letter")
+        await wait_depth(cloud, 0)
+        stats = downlink(gw)
+        assert gw.stop() == 0
+        dead = await dead_letters(cloud, "openhqm-dlq")
+    finally:
+        device.close()
+        gw.stop()
+        broker.stop()
+    assert device.commands() == [{"device": "d0", "n": 2}]  # the other one never got through
+    assert (stats["retried"], stats["dead_lettered"], stats["delivered"]) == (1, 1, 1)
+    assert dead == [(refused.message_id, "gave up after 2 attempts: the local broker refused "
+                                         "it: not authorized (0x87)")]
+    assert "WARNING gateway.downlink: downlink: command " in gw.log().replace("  ", " ")
+
+
+def acl_broker(workdir: Path, tag: str) -> ServerProcess:
+    """mosquitto where anyone may read dl/#, and the user gw may use gw/# and publish to
+    dl/<tag>/d0/cmd only."""
+    passwd = require_binary("mosquitto_passwd", "apt-get install mosquitto")
+    workdir.mkdir()
+    (workdir / "passwords").write_text("")
+    subprocess.run([passwd, "-b", str(workdir / "passwords"), "gw", "pw"], check=True,
+                   timeout=30, capture_output=True)
+    (workdir / "acl").write_text(f"topic read dl/#\n\nuser gw\ntopic readwrite gw/#\n"
+                                 f"topic write dl/{tag}/d0/cmd\n")
+    for name in ("passwords", "acl"):
+        (workdir / name).chmod(0o644)
+    # stay the test's user: as root, mosquitto would switch to the user mosquitto, which
+    # cannot read the test's private tmp dir
+    return mosquitto_server(workdir, extra_conf=f"user {getpass.getuser()}\n"
+                                                f"password_file {workdir / 'passwords'}\n"
+                                                f"acl_file {workdir / 'acl'}\n")
+
+
+async def dead_letters(cloud: Cloud, stream: str) -> list[tuple[str, str]]:
+    from redis.asyncio import Redis
+
+    client = Redis.from_url(cloud.queue["redis_url"])
+    try:
+        entries = await client.xrange(stream)
+    finally:
+        await client.aclose()
+    return [(f[b"id"].decode(), f[b"reason"].decode()) for _, f in entries]
