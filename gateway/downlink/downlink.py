@@ -157,6 +157,7 @@ class Downlink:
         """Until ``stop()``: keep the local broker connection and consume the source."""
         log.info("downlink: consuming %s into the local broker", self._where)
         publisher = asyncio.create_task(self.publisher.run(), name="downlink-publisher")
+        publisher.add_done_callback(self._publisher_ended)
         try:
             await self._consume_forever()
         finally:
@@ -169,6 +170,11 @@ class Downlink:
                 await asyncio.wait_for(self.backend.disconnect(), DISCONNECT_TIMEOUT)
             except Exception as exc:  # what it held is redelivered by the backend
                 log.debug("downlink: closing the backend: %s", exc or type(exc).__name__)
+
+    def _publisher_ended(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            self._fail(task.exception() or RuntimeError("the local publisher ended"))
+            self._stopping.set()  # nothing can be delivered: stop consuming
 
     async def _consume_forever(self) -> None:
         failures = 0

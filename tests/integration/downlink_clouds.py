@@ -376,7 +376,6 @@ class Device:
     received: list[tuple[str, bytes, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self._subscribed = asyncio.Event()
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id,
                                   protocol=mqtt.MQTTv5)
         self.client.reconnect_delay_set(0.1, 0.5)

@@ -331,10 +331,15 @@ class MqttQueue(MessageQueueInterface):
         topic_filter = self._filter(queue_name)
         backoff = _BACKOFF[0]
         while True:
+            subscribed: list[bool] = []  # the session got as far as its subscription
             try:
-                await self._consume_session(queue_name, topic_filter, handler)
+                await self._consume_session(queue_name, topic_filter, handler, subscribed)
             except UplinkUnavailable as exc:
-                log.warning("consuming %s paused: %s; retrying in %.1fs", queue_name, exc, backoff)
+                if subscribed:  # it ran until now: a new outage, reported once
+                    backoff = _BACKOFF[0]
+                level = logging.WARNING if backoff == _BACKOFF[0] else logging.DEBUG
+                log.log(level, "consuming %s paused: %s; retrying in %.1fs", queue_name, exc,
+                        backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, _BACKOFF[1])
 
@@ -370,12 +375,14 @@ class MqttQueue(MessageQueueInterface):
             raise UplinkUnavailable(f"subscription to {topic_filter} refused: {reasons}",
                                     backend=BACKEND)
 
-    async def _consume_session(self, queue_name: str, topic_filter: str, handler: Handler) -> None:
+    async def _consume_session(self, queue_name: str, topic_filter: str, handler: Handler,
+                               subscribed: list[bool]) -> None:
         inbox: asyncio.Queue[mqtt.MQTTMessage] = asyncio.Queue()
         link = Link(self.settings, self._session_options(), on_message=inbox.put_nowait)
         await link.open()
         try:
             await self._subscribe(link, topic_filter)
+            subscribed.append(True)
             while True:
                 if not link.up:
                     raise link.lost or UplinkUnavailable("connection lost", backend=BACKEND)
