@@ -112,7 +112,7 @@ async def drain(forwarder: Forwarder) -> None:
     await forwarder.flush()
 
 
-async def run_case(name: str, stores: int, cursors: int, args: argparse.Namespace,
+async def run_case(name: str, stores: int, cursors: int, args: argparse.Namespace, *,
                    workdir: Path, redis_port: int | None) -> Case:
     messages = readings(args.messages)
     opened: list[tuple[Store, list[Forwarder], Config]] = []
@@ -169,9 +169,10 @@ def report(kind: str, cases: list[Case], n: int) -> None:
 
 async def bench(kind: str, args: argparse.Namespace, workdir: Path,
                 redis_port: int | None) -> None:
-    cases = [await run_case("one uplink", 1, 1, args, workdir, redis_port),
-             await run_case("two uplinks, one store", 1, 2, args, workdir, redis_port),
-             await run_case("two stores, one uplink each", 2, 1, args, workdir, redis_port)]
+    where = {"workdir": workdir, "redis_port": redis_port}
+    cases = [await run_case("one uplink", 1, 1, args, **where),
+             await run_case("two uplinks, one store", 1, 2, args, **where),
+             await run_case("two stores, one uplink each", 2, 1, args, **where)]
     report(kind, cases, args.messages)
 
 

@@ -36,6 +36,15 @@ from typing import Annotated, Any, Literal
 
 import yaml
 
+from gateway.downlink.settings import (
+    DownlinkConfig,
+    IngressView,
+    downlink_problems,
+    mqtt_source_problem,
+    overrides_masked,
+    parse_downlink,
+    render_source,
+)
 from gateway.errors import ConfigError, raise_config_errors
 from gateway.queue.registry import settings_class
 from gateway.settings import DURATION, SIZE, parse_dataclass, parse_value, secret, to_plain
@@ -82,6 +91,9 @@ class IngressConfig:
     subscriptions: list[Subscription] = field(
         default_factory=lambda: [Subscription("sensors/#", 1)]
     )
+    #: topic filters whose messages are acknowledged and not stored (e.g. the downlink's
+    #: command topics when a subscription covers them)
+    exclude: list[str] = field(default_factory=list)
     max_message_bytes: Annotated[int, SIZE] = 256 * 1024
     #: how long the broker keeps the session (and queued messages) while we are away
     session_expiry: Annotated[float, DURATION] = 7 * 86400.0
@@ -153,6 +165,8 @@ class QueueConfig:
     dlq_name: str = "openhqm-dlq"
     #: the backend's own keys, as its settings dataclass
     settings: Any = None
+    #: commands from the cloud to the devices (gateway/downlink/)
+    downlink: DownlinkConfig = field(default_factory=DownlinkConfig)
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,6 +222,14 @@ class Config:
         """The config as one uplink's backend and forwarder see it."""
         return dataclasses.replace(self, queue=uplink.queue, forwarder=uplink.forwarder,
                                    uplinks=[uplink])
+
+    @property
+    def client_suffix(self) -> str:
+        """What an uplink's client ids end with: '' for the single uplink ``default``,
+        ``-NAME`` in the view of one of several (two clients with one id throw each other off
+        a broker)."""
+        name = self.uplinks[0].name if len(self.uplinks) == 1 else DEFAULT_UPLINK
+        return "" if name == DEFAULT_UPLINK else f"-{name}"
 
     @property
     def gateway_id(self) -> str:
@@ -427,9 +449,15 @@ def _parse_queue(raw: Any, source: str, prefix: str = "queue") -> QueueConfig:
     type_name = parse_value(str, raw.get("type", "redis"), f"{prefix}.type", source)
     settings_cls = settings_class(type_name, source, prefix)
     common = {k: v for k, v in raw.items() if k in _QUEUE_COMMON and k != "type"}
-    own = {k: v for k, v in raw.items() if k not in _QUEUE_COMMON}
+    own = {k: v for k, v in raw.items() if k not in _QUEUE_COMMON and k != "downlink"}
     errors: list[ConfigError] = []
     base = settings = None
+    downlink = DownlinkConfig()
+    try:
+        downlink = parse_downlink(raw.get("downlink"), f"{prefix}.downlink", source,
+                                  settings_cls)
+    except ConfigError as exc:
+        errors.extend(exc.all)
     try:
         base = parse_dataclass(QueueConfig, common, prefix, source)
     except ConfigError as exc:
@@ -441,7 +469,7 @@ def _parse_queue(raw: Any, source: str, prefix: str = "queue") -> QueueConfig:
     raise_config_errors(errors)
     assert base is not None
     return QueueConfig(type_name, base.request_queue_name, base.response_queue_name,
-                       base.dlq_name, settings)
+                       base.dlq_name, settings, downlink)
 
 
 def validate(cfg: Config) -> None:
@@ -452,6 +480,9 @@ def validate(cfg: Config) -> None:
     p.check(bool(ing.subscriptions), "ingress.subscriptions", [], "needs at least one topic")
     for i, sub in enumerate(ing.subscriptions):
         p.check(_valid_filter(sub.topic), f"ingress.subscriptions[{i}].topic", sub.topic,
+                "not a valid MQTT topic filter")
+    for i, excluded in enumerate(ing.exclude):
+        p.check(_valid_filter(excluded), f"ingress.exclude[{i}]", excluded,
                 "not a valid MQTT topic filter")
     _check_forwarder(p, fw, "forwarder")
     several = len(cfg.uplinks) > 1 or (bool(cfg.uplinks) and cfg.uplinks[0].name != DEFAULT_UPLINK)
@@ -482,6 +513,8 @@ def validate(cfg: Config) -> None:
             "must be positive")
     p.check(st.cursor_sync_messages >= 1, "store.cursor_sync_messages", st.cursor_sync_messages,
             "must be at least 1")
+    for u in cfg.uplinks:
+        p.found += _downlink_problems(cfg, u, f"uplinks.{u.name}" if several else "queue")
     listen = cfg.observability.listen
     if listen:
         host, _, port = listen.rpartition(":")
@@ -506,6 +539,22 @@ def _check_forwarder(p: _Problems, fw: ForwarderConfig, key: str) -> None:
             "must be positive")
     p.check(fw.max_attempts >= 0, f"{key}.max_attempts", fw.max_attempts,
             "must not be negative (0 = store.max_attempts)")
+
+
+def _downlink_problems(cfg: Config, uplink: UplinkConfig, prefix: str) -> list[ConfigError]:
+    """One uplink's downlink: the loop guard against what this uplink uplinks to."""
+    q = uplink.queue
+    destinations = [q.request_queue_name, *(r.destination for r in uplink.forwarder.routes)]
+    source_name = render_source(q.downlink, q.response_queue_name, cfg.gateway_id)
+    found = downlink_problems(
+        q.downlink, f"{prefix}.downlink", source=cfg.source, source_name=source_name,
+        ingress=IngressView([s.topic for s in cfg.ingress.subscriptions], cfg.ingress.exclude),
+        uplink_destinations=destinations)
+    if q.downlink.enabled and q.type == "mqtt":
+        found += mqtt_source_problem(q.downlink, q.settings, f"{prefix}.downlink",
+                                     source_name=source_name, destinations=destinations,
+                                     gateway_id=cfg.gateway_id, source=cfg.source)
+    return found
 
 
 class _Problems:
@@ -540,13 +589,20 @@ def effective_config(cfg: Config) -> dict[str, Any]:
     uplinks = plain.pop("uplinks")
     queue = plain.pop("queue")
     if len(cfg.uplinks) == 1 and cfg.uplinks[0].name == DEFAULT_UPLINK:
-        plain["queue"] = _flat_queue(queue)
+        plain["queue"] = _flat_queue(queue, cfg.queue)
         return plain
-    plain["uplinks"] = {u["name"]: {**_flat_queue(u["queue"]), "topics": u["topics"],
-                                    "forwarder": u["forwarder"]} for u in uplinks}
+    plain["uplinks"] = {u["name"]: {**_flat_queue(u["queue"], config.queue),
+                                    "topics": u["topics"], "forwarder": u["forwarder"]}
+                        for u, config in zip(uplinks, cfg.uplinks, strict=True)}
     return plain
 
 
-def _flat_queue(queue: dict[str, Any]) -> dict[str, Any]:
+def _flat_queue(queue: dict[str, Any], config: QueueConfig) -> dict[str, Any]:
+    """A queue section as in the file: the backend's keys beside the common ones, the
+    downlink's overrides masked by the backend's own secret keys."""
     settings = queue.pop("settings") or {}
+    downlink = queue.get("downlink") or {}
+    if downlink.get("overrides"):
+        downlink["overrides"] = overrides_masked(config.downlink.overrides,
+                                                 type(config.settings))
     return {**queue, **settings}

@@ -14,6 +14,8 @@ for callers that know the body is JSON. ``encode_body`` turns a dict/list/str in
 
 from __future__ import annotations
 
+import base64
+import binascii
 import os
 import time
 from collections.abc import Mapping
@@ -28,6 +30,15 @@ ATTR_MQTT_TOPIC = "mqtt_topic"
 ATTR_MQTT_QOS = "mqtt_qos"
 ATTR_MQTT_RETAIN = "mqtt_retain"
 ATTR_CONTENT_TYPE = "content_type"
+# MQTT 5 request/response, carried both ways: a device's response topic and correlation data
+# become these attributes on the way up; a downlink command's become MQTT 5 properties.
+ATTR_RESPONSE_TOPIC = "response_topic"
+#: correlation data that is UTF-8 text (the usual case: a request id)
+ATTR_CORRELATION_ID = "correlation_id"
+#: correlation data that is not UTF-8 text, base64-encoded
+ATTR_CORRELATION_DATA = "correlation_data_base64"
+#: a downlink command's absolute expiry: UNIX seconds, or ISO 8601 with a zone
+ATTR_EXPIRES_AT = "expires_at"
 
 
 def new_message_id(now: float | None = None) -> str:
@@ -80,3 +91,30 @@ class QueueMessage:
     def topic(self) -> str:
         """The MQTT topic the message arrived on, or '' when it did not come from MQTT."""
         return self.attributes.get(ATTR_MQTT_TOPIC, "")
+
+
+def correlation_attributes(data: bytes) -> dict[str, str]:
+    """MQTT 5 correlation data as an attribute: ``correlation_id`` when it is UTF-8 text
+    without NUL (what request ids are), else base64 in ``correlation_data_base64``."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        text = "\0"
+    if "\0" in text:
+        return {ATTR_CORRELATION_DATA: base64.b64encode(data).decode("ascii")}
+    return {ATTR_CORRELATION_ID: text}
+
+
+def correlation_data(attributes: Mapping[str, str]) -> bytes | None:
+    """The inverse of ``correlation_attributes``; None when the message carries neither
+    attribute (or the base64 does not decode)."""
+    text = attributes.get(ATTR_CORRELATION_ID)
+    if text is not None:
+        return text.encode("utf-8")
+    encoded = attributes.get(ATTR_CORRELATION_DATA)
+    if encoded is None:
+        return None
+    try:
+        return base64.b64decode(encoded, validate=True)
+    except (binascii.Error, ValueError):
+        return None

@@ -2,7 +2,8 @@
 
 Tasks: ``ingress`` (MQTT -> store), ``forwarder`` (store -> the uplink; with several
 uplinks ``forwarder-NAME``, one each, each with its own cursor, so none waits for another),
-``retention``
+``downlink`` (an uplink's backend -> local broker, when its ``downlink.enabled``; with
+several uplinks ``downlink-NAME``), ``retention``
 (max_age expiry and space reclaim on a timer), ``ready`` (sd_notify READY=1 once
 subscribed), ``http`` (metrics, health, status page), ``watchdog`` (systemd pings, when
 WatchdogSec= is set).
@@ -27,6 +28,7 @@ import sqlite3
 import time
 
 from gateway.config import Config, UplinkConfig
+from gateway.downlink.downlink import Downlink
 from gateway.errors import StoreError
 from gateway.forwarder import UPLINK_QUEUE, Forwarder
 from gateway.ingress import MqttIngress
@@ -61,6 +63,8 @@ class Gateway:
         first = config.uplinks[0].name
         self.uplink, self.forwarder = self.uplinks[first], self.forwarders[first]
         self.ingress = MqttIngress(config.ingress, config.ingress_client_id, self._sink)
+        self.downlinks = {u.name: Downlink(config.uplink_view(u), name=u.name)
+                          for u in config.uplinks if u.queue.downlink.enabled}
         self._stop = asyncio.Event()
         self._signals = 0
         self._started_at = time.time()
@@ -86,7 +90,8 @@ class Gateway:
             uplinks=[self._uplink_snapshot(u, stats.get(u.name)) for u in self.config.uplinks],
             counters={"ingress_received": ing.received, "ingress_acked": ing.acked,
                       "ingress_dead_lettered": ing.dead_lettered, "ingress_dropped": ing.dropped,
-                      "ingress_duplicates": ing.duplicates})
+                      "ingress_duplicates": ing.duplicates, "ingress_excluded": ing.excluded},
+            downlinks=tuple(d.snapshot() for d in self.downlinks.values()))
 
     def _uplink_snapshot(self, u: UplinkConfig, stats: QueueStats | None) -> UplinkSnapshot:
         fwd = self.forwarders[u.name].stats
@@ -128,6 +133,10 @@ class Gateway:
                 forwarders = [tg.create_task(f.run(), name=f"forwarder-{name}" if several
                                              else "forwarder")
                               for name, f in self.forwarders.items()]
+                stoppable = [ingress, *forwarders]
+                stoppable += [tg.create_task(d.run(), name=f"downlink-{name}" if several
+                                             else "downlink")
+                              for name, d in self.downlinks.items()]
                 helpers = [tg.create_task(self._retention(), name="retention"),
                            tg.create_task(self._announce_ready(), name="ready")]
                 if self.http is not None:
@@ -140,7 +149,7 @@ class Gateway:
                 log.info("stopping: finishing in-flight work")
                 for task in helpers:
                     task.cancel()
-                await self._drain_and_stop(ingress, *forwarders)
+                await self._drain_and_stop(*stoppable)
         finally:
             await asyncio.gather(*(self._disconnect(name, backend)
                                    for name, backend in self.uplinks.items()))
@@ -169,6 +178,8 @@ class Gateway:
     async def _drain_and_stop(self, *tasks: asyncio.Task[None]) -> None:
         for forwarder in self.forwarders.values():
             forwarder.stop()
+        for downlink in self.downlinks.values():
+            downlink.stop()
         try:
             await asyncio.wait_for(self.ingress.stop(), STOP_TIMEOUT)
         except TimeoutError:

@@ -13,6 +13,9 @@ ingress side) and switch its mode while the test runs:
 - ``slow``: every chunk waits ``delay`` seconds and the throughput is capped at ``rate``
   bytes per second per direction.
 - ``flapping``: ``up`` for ``up_seconds``, then ``cut`` for ``down_seconds``, repeated.
+- ``hold_replies``: client -> server flows, server -> client is held (and flows again when
+  the mode changes): the server gets a request, the client does not get the answer yet
+  (an MQTT PUBLISH reaches the broker, its PUBACK waits).
 
 It runs an asyncio loop on its own daemon thread. It stops itself after ``lifetime``
 seconds (resetting everything), and refuses more than ``max_connections`` at once, so a
@@ -30,7 +33,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Literal
 
-Mode = Literal["up", "cut", "blackhole", "slow", "flapping"]
+Mode = Literal["up", "cut", "blackhole", "slow", "flapping", "hold_replies"]
 
 HOST = "127.0.0.1"
 CHUNK = 65536
@@ -105,6 +108,7 @@ class FaultProxy:
         self._links: set[_Link] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._flowing: asyncio.Event | None = None
+        self._replies: asyncio.Event | None = None  # clear in hold_replies
         self._stop: asyncio.Event | None = None
         self._flapper: asyncio.Task[None] | None = None
         self._thread: threading.Thread | None = None
@@ -174,6 +178,8 @@ class FaultProxy:
         self._loop = asyncio.get_running_loop()
         self._flowing = asyncio.Event()
         self._flowing.set()
+        self._replies = asyncio.Event()
+        self._replies.set()
         self._stop = asyncio.Event()
         server = await asyncio.start_server(self._accept, HOST, 0, reuse_address=True)
         self.port = server.sockets[0].getsockname()[1]
@@ -208,6 +214,11 @@ class FaultProxy:
             self._flowing.clear()
         else:
             self._flowing.set()
+        assert self._replies is not None
+        if mode == "hold_replies":
+            self._replies.clear()
+        else:
+            self._replies.set()
         if mode == "flapping":
             self._flapper = asyncio.get_running_loop().create_task(self._flap())
 
@@ -267,6 +278,9 @@ class FaultProxy:
                 if not data:
                     return
                 await self._flowing.wait()  # blackholed after reading: hold the bytes
+                if not upstream:
+                    assert self._replies is not None
+                    await self._replies.wait()
                 if self._delay > 0:
                     await asyncio.sleep(self._delay)
                 await self._write(writer, data, upstream)

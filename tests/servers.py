@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import getpass
 import os
 import shutil
 import signal
@@ -146,8 +147,9 @@ def mosquitto_server(workdir: Path, port: int | None = None, extra_conf: str = "
         "log_type error\nlog_type warning\n"
         # As root mosquitto drops to the user 'mosquitto', which cannot write its persistence
         # file into this test's private directory: a restarted broker then forgot every queued
-        # message ("Error: Permission denied" every autosave), and restart tests flaked.
-        + ("user root\n" if os.geteuid() == 0 else "")
+        # message ("Error: Permission denied" every autosave), and restart tests flaked. It
+        # stays the test's user (a user line in extra_conf would be a duplicate: an error).
+        + f"user {getpass.getuser()}\n"
         + extra_conf)
     server = ServerProcess("mosquitto", [binary, "-c", str(conf)], workdir, port,
                            lambda s: _mqtt_ready(s.port))

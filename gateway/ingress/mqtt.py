@@ -23,6 +23,12 @@ Invariants:
 - **Memory bound.** When more than ``4 x receive_maximum`` messages or ``MAX_PENDING_BYTES``
   of payload await commit, reading is paused (TCP backpressure reaches the broker) and
   resumed once commits bring it under the bound.
+- **Excluded topics.** A PUBLISH whose topic matches ``ingress.exclude`` (the downlink's
+  command topics, typically) is acknowledged without being stored and counted in
+  ``excluded``.
+- **Request/response.** MQTT 5 response topic and correlation data become the attributes
+  ``response_topic`` and ``correlation_id`` (``correlation_data_base64`` when not UTF-8 text),
+  so a device's reply reaches the cloud with the id the request carried.
 - **QoS 2.** PUBLISH -> store -> PUBREC; PUBREL -> PUBCOMP. A redelivered QoS 2 packet id
   that is still awaiting its commit or its PUBREL is acknowledged again without storing it
   a second time.
@@ -88,9 +94,12 @@ from gateway.message import (
     ATTR_MQTT_QOS,
     ATTR_MQTT_RETAIN,
     ATTR_MQTT_TOPIC,
+    ATTR_RESPONSE_TOPIC,
+    correlation_attributes,
 )
 from gateway.store.frames import FROM_MQTT, RETAIN
 from gateway.store.records import AppendOutcome, AppendStatus, NewMessage
+from gateway.topics import topic_matches
 
 log = logging.getLogger("gateway.ingress")
 
@@ -182,6 +191,7 @@ class _Connection(asyncio.Protocol):
         acks: list[tuple[int, int, int]] = []
         nbytes = 0
         now = time.time()
+        excluded = ingress.excluded_topic
         for packet in packets:
             if type(packet) is not Publish:
                 self._control(packet)
@@ -190,6 +200,10 @@ class _Connection(asyncio.Protocol):
             if qos == 2 and (pid in self._qos2_pending or pid in ingress.qos2_awaiting_release):
                 ingress.duplicates += 1
                 acks.append((2, pid, -1))
+                continue
+            if excluded is not None and excluded(packet.topic):
+                ingress.excluded += 1
+                acks.append((qos, pid, -1))  # acknowledged, never stored
                 continue
             if qos == 2:
                 self._qos2_pending.add(pid)
@@ -382,6 +396,9 @@ class MqttIngress:
         self.dead_lettered = 0
         self.too_large = 0
         self.duplicates = 0
+        self.excluded = 0
+        #: None when ingress.exclude is empty (the hot path then checks nothing)
+        self.excluded_topic = _ExcludeMatcher(cfg.exclude) if cfg.exclude else None
         #: QoS 2 packet ids PUBRECed and not yet released (session state)
         self.qos2_awaiting_release: set[int] = set()
         self._conn: _Connection | None = None
@@ -406,6 +423,10 @@ class MqttIngress:
             for key, value in props.user_properties:
                 if key not in RESERVED_ATTRIBUTES:
                     attrs[key] = value
+            if props.response_topic is not None:
+                attrs[ATTR_RESPONSE_TOPIC] = props.response_topic
+            if props.correlation_data is not None:
+                attrs.update(correlation_attributes(props.correlation_data))
         message = NewMessage(message_id, topic, packet.payload, attrs, now, mqtt_flags=flags)
         size = len(packet.payload)
         if size > self.cfg.max_message_bytes:
@@ -547,6 +568,24 @@ class MqttIngress:
                          sub.topic, code, sub.qos)
         if failed == len(subs):
             raise ConnectFailed("the broker refused every subscription")
+
+
+class _ExcludeMatcher:
+    """Whether a topic matches ``ingress.exclude``; answers cached per topic (bounded)."""
+
+    MAX_CACHED = 4096
+
+    def __init__(self, filters: list[str]) -> None:
+        self.filters = list(filters)
+        self._known: dict[str, bool] = {}
+
+    def __call__(self, topic: str) -> bool:
+        known = self._known.get(topic)
+        if known is None:
+            if len(self._known) >= self.MAX_CACHED:
+                self._known.clear()
+            known = self._known[topic] = any(topic_matches(f, topic) for f in self.filters)
+        return known
 
 
 def _ssl_context(tls: TlsConfig) -> ssl.SSLContext:

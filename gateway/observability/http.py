@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import orjson
 
 from gateway.config import ObservabilityConfig
+from gateway.downlink.downlink import DownlinkStats
 
 log = logging.getLogger("gateway.http")
 
@@ -76,6 +77,9 @@ class Snapshot:
     #: name -> value of the ingress's monotonically growing counters
     counters: dict[str, int] = field(default_factory=dict)
 
+    #: one per uplink with ``downlink.enabled``
+    downlinks: tuple[DownlinkStats, ...] = ()
+
     def total(self, counter: str) -> int:
         """An uplink counter summed over the uplinks."""
         return sum(u.counters.get(counter, 0) for u in self.uplinks)
@@ -93,6 +97,9 @@ def readiness(s: Snapshot, cfg: ObservabilityConfig) -> list[str]:
         failures.append("store: not answering")
     for u in s.uplinks:
         failures.extend(_uplink_failures(s, u, cfg))
+    for dl in s.downlinks:
+        if dl.state == "failed":
+            failures.append(f"downlink of uplink {dl.uplink} failed: {dl.last_error}")
     return failures
 
 
@@ -178,6 +185,8 @@ def render_metrics(s: Snapshot) -> str:
            round(s.commit_seconds_total, 6))
     metric("ingress_connected", "gauge", "1 when connected to the broker",
            int(s.ingress_connected))
+    if s.downlinks:
+        out.extend(render_downlink_metrics(s.downlinks))
     return "\n".join(out) + "\n"
 
 
@@ -186,6 +195,35 @@ def _num(value: float) -> str:
 
 
 UPLINK_STATES = ("connecting", "online", "backing_off", "defective", "stopped")
+
+_DOWNLINK_COUNTERS = {
+    "received": "commands consumed at the uplink's backend",
+    "delivered": "commands the local broker acknowledged (then acknowledged at the backend)",
+    "expired": "commands dropped because their expires_at passed before delivery",
+    "dead_lettered": "commands sent to the backend's dead-letter destination",
+    "retried": "commands the local broker refused, handed back for another attempt",
+    "redelivered": "commands the backend delivered again (possible duplicates)",
+    "republished": "commands published again after a lost PUBACK (possible duplicates)",
+    "settle_failures": "acknowledge/reject calls the backend refused (delivered again)",
+}
+DOWNLINK_STATES = ("starting", "online", "local_broker_down", "backend_unavailable", "failed",
+                   "stopped")
+
+
+def render_downlink_metrics(downlinks: tuple[DownlinkStats, ...]) -> list[str]:
+    out: list[str] = []
+    for name, help_text in _DOWNLINK_COUNTERS.items():
+        full = f"openhqm_gateway_downlink_{name}_total"
+        out.append(f"# HELP {full} {help_text}\n# TYPE {full} counter")
+        out.extend(f'{full}{{uplink="{d.uplink}"}} {getattr(d, name)}' for d in downlinks)
+    full = "openhqm_gateway_downlink_state"
+    out.append(f"# HELP {full} 1 for the downlink's current state\n# TYPE {full} gauge")
+    out.extend(f'{full}{{uplink="{d.uplink}",state="{state}"}} {int(state == d.state)}'
+               for d in downlinks for state in DOWNLINK_STATES)
+    full = "openhqm_gateway_downlink_last_delivery_timestamp_seconds"
+    out.append(f"# HELP {full} when the local broker last took a command\n# TYPE {full} gauge")
+    out.extend(f'{full}{{uplink="{d.uplink}"}} {d.last_delivered_at or 0.0}' for d in downlinks)
+    return out
 
 
 # --- the status page ------------------------------------------------------------------------
@@ -199,6 +237,11 @@ STATE_TEXT = {"online": "online", "connecting": "connecting", "backing_off": "of
               "defective": "defect in the uplink's code", "stopped": "stopped"}
 STATE_CLASS = {"online": "ok", "connecting": "warn", "backing_off": "bad", "defective": "bad",
                "stopped": "warn"}
+DOWNLINK_TEXT = {"starting": "starting", "online": "online",
+                 "local_broker_down": "local broker unreachable",
+                 "backend_unavailable": "backend unreachable", "failed": "failed",
+                 "stopped": "stopped"}
+DOWNLINK_CLASS = {"online": "ok", "starting": "warn", "stopped": "warn"}
 #: verdict -> header class: ready and online; ready but the uplink is not online (messages are
 #: buffered, not yet past the stuck thresholds); not ready
 VERDICT_CLASS = {"OK": "", "BUFFERING": "buffering", "ATTENTION": "down"}
@@ -259,6 +302,15 @@ def _fields(s: Snapshot, failures: list[str],
             f"u{i}-oldest": fmt_age(u.oldest_age_seconds),
             f"u{i}-dead": str(u.dead_letter),
         }
+    for i, d in enumerate(s.downlinks):
+        out |= {
+            f"d{i}-uplink": d.uplink, f"d{i}-source": f"{d.type} {d.source}",
+            f"d{i}-state": DOWNLINK_TEXT.get(d.state, d.state),
+            f"d{i}-received": str(d.received), f"d{i}-delivered": str(d.delivered),
+            f"d{i}-expired": str(d.expired), f"d{i}-dead": str(d.dead_lettered),
+            f"d{i}-last": "never" if d.last_delivered_at is None
+            else fmt_age(max(0.0, s.taken_at - d.last_delivered_at)) + " ago",
+        }
     for minutes in (1, 5):
         mean = mean_rates(rates, minutes)
         out[f"recv-{minutes}"] = "—" if mean is None else f"{mean[0]:.1f}/s"
@@ -311,7 +363,7 @@ polyline{fill:none;stroke-width:2}.recv{stroke:#0969da;stroke-dasharray:6 3}.upl
 # Mirrors verdict, fmt_age, mean_rates, _fields and render_chart above: keep them in step (the
 # integration test compares the rendered DOM with /status.json).
 _SCRIPT = """
-const STEP=%(step)d,TEXT=%(text)s,CLS=%(cls)s,VCLS=%(vcls)s;
+const STEP=%(step)d,TEXT=%(text)s,CLS=%(cls)s,VCLS=%(vcls)s,DLT=%(dltext)s,DLC=%(dlcls)s;
 function age(s){if(s==null)return"\\u2014";if(s<60)return s.toFixed(1)+" s";
 if(s<3600)return Math.floor(s/60)+" min "+Math.floor(s%%60)+" s";
 if(s<86400)return Math.floor(s/3600)+" h "+Math.floor(s%%3600/60)+" min";
@@ -343,11 +395,18 @@ f[p+"state"]=TEXT[u.state]||u.state;
 f[p+"last-ack"]=u.last_ack_at==null?"never":age(Math.max(0,s.taken_at-u.last_ack_at))+" ago";
 f[p+"depth"]=String(u.depth);f[p+"in-flight"]=String(u.in_flight);
 f[p+"oldest"]=age(u.oldest_age_seconds);f[p+"dead"]=String(u.dead_letter)});
+const D=s.downlinks||[];D.forEach((dl,i)=>{const p="d"+i+"-";f[p+"uplink"]=dl.uplink;
+f[p+"source"]=dl.type+" "+dl.source;f[p+"state"]=DLT[dl.state]||dl.state;
+f[p+"received"]=String(dl.received);f[p+"delivered"]=String(dl.delivered);
+f[p+"expired"]=String(dl.expired);f[p+"dead"]=String(dl.dead_lettered);
+f[p+"last"]=dl.last_delivered_at==null?"never":age(Math.max(0,s.taken_at-dl.last_delivered_at))+" ago"});
 for(const m of[1,5]){const x=mean(d.rates,m);f["recv-"+m]=x?x[0].toFixed(1)+"/s":"\\u2014";
 f["upl-"+m]=x?x[1].toFixed(1)+"/s":"\\u2014"}
 for(const k in f){const e=document.getElementById(k);if(e)e.textContent=f[k]}
 U.forEach((u,i)=>{const e=document.getElementById("u"+i+"-state");
 if(e)e.className="big "+(CLS[u.state]||"warn")});
+D.forEach((dl,i)=>{const e=document.getElementById("d"+i+"-state");
+if(e)e.className="big "+(DLC[dl.state]||"bad")});
 document.getElementById("broker").className="big "+(s.ingress_connected?"ok":"bad");
 document.querySelector("header").className=VCLS[f.verdict];
 document.title="OpenHQM gateway \\u2014 "+f.verdict;
@@ -369,8 +428,11 @@ def render_page(s: Snapshot, failures: list[str], rates: list[tuple[float, float
     problems = "".join(f"<li>{html.escape(x)}</li>" for x in failures)
     script = _SCRIPT % {"step": RATE_STEP, "text": orjson.dumps(STATE_TEXT).decode(),
                         "cls": orjson.dumps(STATE_CLASS).decode(),
-                        "vcls": orjson.dumps(VERDICT_CLASS).decode()}
+                        "vcls": orjson.dumps(VERDICT_CLASS).decode(),
+                        "dltext": orjson.dumps(DOWNLINK_TEXT).decode(),
+                        "dlcls": orjson.dumps(DOWNLINK_CLASS).decode()}
     cards = "".join(_uplink_card(i, u, f) for i, u in enumerate(s.uplinks))
+    cards += "".join(_downlink_card(i, d, f) for i, d in enumerate(s.downlinks))
     return f"""<!doctype html><html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width,initial-scale=1">
 <noscript><meta http-equiv="refresh" content="5"></noscript>
@@ -410,6 +472,18 @@ def _uplink_card(i: int, u: UplinkSnapshot, f: dict[str, str]) -> str:
 · in flight: <span id="{p}in-flight">{f[p + "in-flight"]}</span></div>
 <div>last acknowledgement: <span id="{p}last-ack">{f[p + "last-ack"]}</span> ·
 dead letters: <span id="{p}dead">{f[p + "dead"]}</span></div></section>
+"""
+
+
+def _downlink_card(i: int, d: DownlinkStats, f: dict[str, str]) -> str:
+    p = f"d{i}-"
+    return f"""<section><h2>Downlink of <span id="{p}uplink">{f[p + "uplink"]}</span>
+(<span id="{p}source">{f[p + "source"]}</span>)</h2>
+<div id="{p}state" class="big {DOWNLINK_CLASS.get(d.state, "bad")}">{f[p + "state"]}</div>
+<div>delivered <b id="{p}delivered">{f[p + "delivered"]}</b> of
+<span id="{p}received">{f[p + "received"]}</span> received · expired
+<span id="{p}expired">{f[p + "expired"]}</span> · dead letters <span id="{p}dead">{f[p + "dead"]}</span>
+</div><div>last command: <span id="{p}last">{f[p + "last"]}</span></div></section>
 """
 
 

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from gateway.message import new_message_id
 from gateway.store import parked
-from gateway.store.core import is_disk_full
+from gateway.store.core import SQLITE_FULL, is_disk_full
 from gateway.store.cursors import Cursor
 from gateway.store.frames import (
     MAX_DELTA_MS,
@@ -46,6 +46,12 @@ def _full_attributes(m: NewMessage) -> dict[str, str]:
 
 
 
+class WouldGrow(sqlite3.OperationalError):
+    """An append that would lengthen the file while the disk reserve is given back."""
+
+    sqlite_errorcode = SQLITE_FULL
+
+
 class AppendDb(RetentionDb):
     # -- append ------------------------------------------------------------------------
 
@@ -63,19 +69,26 @@ class AppendDb(RetentionDb):
     def _append(self, groups: Sequence[tuple[str, Sequence[NewMessage]]]) -> list[list[AppendOutcome]]:
         if time.monotonic() < self._refuse_appends_until:
             return self._refuse_all(groups)
+        # After a full disk, until the reserve can be taken again, the space it gave back is
+        # for the cursor writes and checkpoints that drain the store: a newcomer that grew the
+        # file into it would leave the drain no room and wedge it. Newcomers then go into the
+        # file's free pages and spare segments only (or drop_oldest's room).
+        no_growth = self._reserve_spent()
+        grew = False  # refused only for lack of free pages: no write was attempted
         try:
-            return self._append_once(groups)
+            return self._append_once(groups, no_growth=no_growth)
         except sqlite3.Error as exc:
             if not is_disk_full(exc):
                 raise
+            grew = isinstance(exc, WouldGrow)
         # The disk (or max_page_count) is full. drop_oldest: free the oldest segment, retry.
-        self.reserve.release()
-        self.checkpoint()
+        if not grew:
+            self._disk_full()
         if self.limits.when_full == "drop_oldest":
             try:
                 while self._free_oldest_segment("disk_full"):
                     try:
-                        return self._append_once(groups)
+                        return self._append_once(groups, no_growth=self._reserve_released)
                     except sqlite3.Error as exc:
                         if not is_disk_full(exc):
                             raise
@@ -83,10 +96,21 @@ class AppendDb(RetentionDb):
                 self._rollback()
                 if not is_disk_full(exc):
                     raise
-        self._refuse_appends_until = time.monotonic() + FULL_PROBE_SECONDS
+        if not grew:  # the next commit tries again when only free pages were lacking
+            self._refuse_appends_until = time.monotonic() + FULL_PROBE_SECONDS
         out = self._refuse_all(groups)
         self._save_counters()
         return out
+
+    def _reserve_spent(self) -> bool:
+        """The disk reserve was given back on a full disk and cannot be taken again yet (the
+        file system lacks twice its size)."""
+        if self._reserve_released and self.reserve.ensure():
+            self._reserve_released = False
+        return self._reserve_released
+
+    def _page_count(self) -> int:
+        return int(self._c.execute("PRAGMA page_count").fetchone()[0])
 
     def _refuse_all(self, groups: Sequence[tuple[str, Sequence[NewMessage]]]) -> list[list[AppendOutcome]]:
         return [[self._drop_unsaved(q, "disk_full") for _ in msgs] for q, msgs in groups]
@@ -95,14 +119,22 @@ class AppendDb(RetentionDb):
         self._unsaved[(queue, f"dropped:{reason}")] += 1
         return AppendOutcome(AppendStatus.DROPPED, reason)
 
-    def _append_once(self, groups: Sequence[tuple[str, Sequence[NewMessage]]]) -> list[list[AppendOutcome]]:
+    def _append_once(self, groups: Sequence[tuple[str, Sequence[NewMessage]]], *,
+                     no_growth: bool = False) -> list[list[AppendOutcome]]:
+        """One transaction; with ``no_growth``, rolled back as SQLITE_FULL when it would make
+        the file longer."""
         log = self._log
         snap = log.snapshot()
         cursors_before = set(self.cursors)
         self._begin(durable=True)
+        log.reuse_first = no_growth
         try:
+            pages = self._page_count() if no_growth else 0
             out = [self._append_group(queue, msgs) for queue, msgs in groups]
             self._trim_dead()
+            if no_growth and self._page_count() > pages:
+                raise WouldGrow("database or disk is full: the store would grow into the "
+                                "space the disk reserve gave back for draining")
             self._commit()
         except BaseException:
             self._rollback()
@@ -112,6 +144,8 @@ class AppendDb(RetentionDb):
             self._load_parked()
             self._load_dead()
             raise
+        finally:
+            log.reuse_first = False
         return out
 
     def _append_group(self, queue: str, msgs: Sequence[NewMessage]) -> list[AppendOutcome]:

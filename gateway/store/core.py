@@ -119,6 +119,8 @@ class CoreDb:
         #: soft cap on what one transaction writes (payload bytes of an append)
         self.max_txn_bytes = 64 * 1024**2
         self.reserve = DiskReserve(path + ".reserve", RESERVE_BYTES if self.owner else 0)
+        #: the reserve was given back on a full disk and not taken again yet
+        self._reserve_released = False
         self.log: Log | None = None
         self.cursors: dict[str, Cursor] = {}
         self.qids: dict[str, int] = {}
@@ -436,10 +438,14 @@ class CoreDb:
                 self._bump(cur.name, "delivered_total", cur.delivered_unsaved)
             tail = min((marks[c.name][1] if c.name in marks else c.saved_pos)
                        for c in self.cursors.values())
+            live = len(self._log.index)
             doomed = self._log.free_upto(tail)
             if doomed:
                 self._log.io.delete(doomed)
             self._commit()
+            if len(self._log.index) < live:
+                self._refuse_appends_until = 0.0  # segments freed: a newcomer may fit now
+                self._segments_freed()
         except BaseException:
             self._rollback()
             self._log.restore(snap)
@@ -478,9 +484,19 @@ class CoreDb:
             self._rollback()
             if not is_disk_full(exc):
                 raise
-        self.reserve.release()
-        self.checkpoint()
+        self._disk_full()
         return fn(*args)
+
+    def _segments_freed(self) -> None:
+        """Called after a cursor write freed segments (``RetentionDb`` takes the disk reserve
+        back as soon as that is possible)."""
+
+    def _disk_full(self) -> None:
+        """SQLITE_FULL: give back the disk reserve (appends then wait until it can be taken
+        again, see ``AppendDb._append``) and checkpoint, which empties the WAL."""
+        if self.reserve.release():
+            self._reserve_released = True
+        self.checkpoint()
 
     def checkpoint(self) -> None:
         with contextlib.suppress(sqlite3.Error):

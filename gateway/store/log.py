@@ -100,6 +100,9 @@ class Log:
         self.head_pos = 0
         self.head_seq = 0
         self.head_cum = 0
+        #: put even large frames into a spare ring segment when one is free (a full disk:
+        #: a sealed segment would need new pages)
+        self.reuse_first = False
         #: keep recently decoded frames for other readers (a queue has several cursors)
         self.shared_reads = False
         self._recent: dict[int, Frame] = {}
@@ -186,7 +189,8 @@ class Log:
         cur = self.current
         if cur is not None and self.head_pos + length <= cur.limit:
             return cur
-        if length >= self.sealed_threshold:
+        if length >= self.sealed_threshold and not (self.reuse_first and self.free
+                                                    and length <= self.free[0].capacity):
             return None
         if self.free:
             seg = self.free.pop(0)

@@ -48,6 +48,14 @@ class DiskReserve:
         except OSError:
             return self.size
 
+    def would_fit(self, freed: int) -> bool:
+        """Whether ``freed`` more free bytes would let ``ensure`` take the reserve."""
+        try:
+            st = self._statvfs()
+        except OSError:
+            return False
+        return st.f_bavail * st.f_frsize + freed >= 2 * self._fit(st)
+
     def ensure(self) -> bool:
         """Take the reserve when it is missing and the file system has room for it twice."""
         if self.size <= 0 or self.held():

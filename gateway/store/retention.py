@@ -130,14 +130,27 @@ class RetentionDb(CoreDb):
             else:
                 cur.chains.pop(topic, None)
 
+    def _segments_freed(self) -> None:
+        if self._reserve_released:  # the drain after a full disk: back to normal at once
+            self.vacuum_if_sparse()
+
     def vacuum_if_sparse(self) -> int:
-        """Give free pages back to the file system when a quarter of the file is free."""
-        self.reserve.ensure()
+        """Give free pages back to the file system when a quarter of the file is free.
+
+        While the disk reserve is given back (a full disk), newcomers may only use the file's
+        free pages (``AppendDb._append``): they are given back only when that lets the
+        reserve be taken again, else the store could take nothing until the disk has room."""
+        if self.reserve.ensure():
+            self._reserve_released = False
         c = self._c
-        free = c.execute("PRAGMA freelist_count").fetchone()[0]
-        total = c.execute("PRAGMA page_count").fetchone()[0]
-        if total and free * 4 > total:
-            c.execute("PRAGMA incremental_vacuum")
-            return int(free)
-        return 0
+        free = int(c.execute("PRAGMA freelist_count").fetchone()[0])
+        total = int(c.execute("PRAGMA page_count").fetchone()[0])
+        if not (total and free * 4 > total):
+            return 0
+        if self._reserve_released and not self.reserve.would_fit(free * self.page_size):
+            return 0
+        c.execute("PRAGMA incremental_vacuum")
+        if self._reserve_released and self.reserve.ensure():
+            self._reserve_released = False
+        return free
 

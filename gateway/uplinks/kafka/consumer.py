@@ -90,7 +90,7 @@ class Subscription:
                     if self.closed:
                         raise RuntimeError("closed")
                     self._fetching = self.loop.run_in_executor(
-                        self.executor, self.consumer.consume, max_records, timeout)
+                        self.executor, self._consume_some, max_records, timeout)
                 messages = await asyncio.shield(self._fetching)  # a cancelled caller leaves it
             except RuntimeError as exc:  # closed by disconnect() or delete_queue()
                 raise UplinkUnavailable(f"the consumer of {self.topic} is closed ({exc})",
@@ -108,6 +108,15 @@ class Subscription:
                 raise translate_rd(error, f"consume {self.topic}")
             log.warning("kafka: consume %s: %s (the records fetched with it are handed out)",
                         self.topic, error.str())
+
+    def _consume_some(self, max_records: int, timeout: float) -> list[Message]:
+        """On the consumer's thread: wait up to ``timeout`` for the first record, then take
+        what is already fetched, up to ``max_records``. (librdkafka's ``consume(n, t)`` waits
+        for all ``n`` or the whole ``t``: a trickle of records would each wait ``t``.)"""
+        first = self.consumer.consume(1, timeout)
+        if not first or max_records <= 1:
+            return first
+        return first + self.consumer.consume(max_records - 1, 0)
 
     def delivered(self, partition: Partition, offset: int) -> None:
         self.offsets.setdefault(partition, PartitionOffsets()).delivered(offset)

@@ -51,6 +51,22 @@ def subscription_filter(template: str, queue: str, gateway_id: str) -> str:
     return template.replace("{topic}", "#").format(queue=queue, gateway_id=gateway_id)
 
 
+def topic_part(template: str, queue: str, gateway_id: str, cloud_topic: str) -> str | None:
+    """The part of ``cloud_topic`` that the template's ``{topic}`` (its last level) matched
+    when rendered for ``queue``; None when the template has no such level or the topic
+    does not start with the rendered prefix."""
+    if template == "{topic}":
+        return cloud_topic or None
+    if not template.endswith("/{topic}") or template.count("{topic}") != 1:
+        return None
+    try:
+        prefix = template[:-len("{topic}")].format(queue=queue, gateway_id=gateway_id)
+    except (KeyError, IndexError, ValueError):
+        return None
+    rest = cloud_topic[len(prefix):] if cloud_topic.startswith(prefix) else ""
+    return rest or None
+
+
 def filters_overlap(a: str, b: str) -> bool:
     """Can one topic name match both filters? ('+' one level, '#' the rest, incl. none)."""
     left, right = a.split("/"), b.split("/")

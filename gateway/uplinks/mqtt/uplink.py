@@ -39,6 +39,14 @@ acknowledgement, at QoS 1/2 only:
   (persistent session); they count a retry.
 - MQTT keeps nothing for a subscription that does not exist yet: ``subscribe_session``
   subscribes the session without consuming, before anything is published.
+- MQTT 5 properties of a received message become attributes: response topic
+  (``response_topic``), correlation data (``correlation_id``, or ``correlation_data_base64``
+  when not UTF-8) and message expiry (``expires_at``: the receipt time plus the remaining
+  interval the broker sent, UNIX seconds). A message from a plain MQTT client (not a gateway's
+  uplink: no ``openhqm_uplink``) that has no ``mqtt_topic`` gets the part of its topic the
+  template's ``{topic}`` matched: ``down/{queue}/{topic}`` consumed for ``cmd`` turns
+  ``down/cmd/devices/d1/set`` into ``mqtt_topic`` = ``devices/d1/set`` (the downlink's local
+  topic; gateway/downlink/).
 
 Not supported (NotSupportedError): get_queue_depth (MQTT has no way to ask), create_queue,
 delete_queue, purge_queue (topics are not created or deleted; a broker's queued session
@@ -52,6 +60,7 @@ is refused at start (gateway/uplinks/mqtt/template.py).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Sequence
@@ -72,9 +81,13 @@ from gateway.errors import (
 )
 from gateway.message import (
     ATTR_CONTENT_TYPE,
+    ATTR_EXPIRES_AT,
     ATTR_MESSAGE_ID,
+    ATTR_MQTT_TOPIC,
+    ATTR_RESPONSE_TOPIC,
     Body,
     QueueMessage,
+    correlation_attributes,
     encode_body,
     new_message_id,
 )
@@ -87,6 +100,7 @@ from gateway.uplinks.mqtt.template import (
     render,
     same_broker,
     subscription_filter,
+    topic_part,
 )
 
 if TYPE_CHECKING:
@@ -125,6 +139,8 @@ class _Received:
     message: mqtt.MQTTMessage
     link: Link
     queue_name: str
+    #: what the handler was given (reject re-sends it with the same attributes)
+    converted: QueueMessage
 
 
 class MqttQueue(MessageQueueInterface):
@@ -160,6 +176,9 @@ class MqttQueue(MessageQueueInterface):
                             *(r.destination for r in config.forwarder.routes)}
             refuse_loops(settings.mqtt_topic_template, sorted(destinations), config.gateway_id,
                          [s.topic for s in ingress.subscriptions], config.source)
+        if not settings.mqtt_client_id and config.client_suffix:  # one of several uplinks
+            settings = dataclasses.replace(settings, mqtt_client_id=(
+                f"openhqm-gateway-{config.gateway_id}-uplink{config.client_suffix}"))
         return cls(settings, gateway_id=config.gateway_id, dlq_name=config.queue.dlq_name)
 
     # -- connection -------------------------------------------------------------------------
@@ -316,10 +335,15 @@ class MqttQueue(MessageQueueInterface):
         topic_filter = self._filter(queue_name)
         backoff = _BACKOFF[0]
         while True:
+            subscribed: list[bool] = []  # the session got as far as its subscription
             try:
-                await self._consume_session(queue_name, topic_filter, handler)
+                await self._consume_session(queue_name, topic_filter, handler, subscribed)
             except UplinkUnavailable as exc:
-                log.warning("consuming %s paused: %s; retrying in %.1fs", queue_name, exc, backoff)
+                if subscribed:  # it ran until now: a new outage, reported once
+                    backoff = _BACKOFF[0]
+                level = logging.WARNING if backoff == _BACKOFF[0] else logging.DEBUG
+                log.log(level, "consuming %s paused: %s; retrying in %.1fs", queue_name, exc,
+                        backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, _BACKOFF[1])
 
@@ -355,12 +379,14 @@ class MqttQueue(MessageQueueInterface):
             raise UplinkUnavailable(f"subscription to {topic_filter} refused: {reasons}",
                                     backend=BACKEND)
 
-    async def _consume_session(self, queue_name: str, topic_filter: str, handler: Handler) -> None:
+    async def _consume_session(self, queue_name: str, topic_filter: str, handler: Handler,
+                               subscribed: list[bool]) -> None:
         inbox: asyncio.Queue[mqtt.MQTTMessage] = asyncio.Queue()
         link = Link(self.settings, self._session_options(), on_message=inbox.put_nowait)
         await link.open()
         try:
             await self._subscribe(link, topic_filter)
+            subscribed.append(True)
             while True:
                 if not link.up:
                     raise link.lost or UplinkUnavailable("connection lost", backend=BACKEND)
@@ -376,8 +402,9 @@ class MqttQueue(MessageQueueInterface):
 
     async def _deliver(self, raw: mqtt.MQTTMessage, link: Link, queue_name: str,
                        handler: Handler) -> None:
-        msg = _to_message(raw)
-        self._in_flight[msg.id] = _Received(raw, link, queue_name)
+        msg = _to_message(raw, topic_part(self.settings.mqtt_topic_template, queue_name,
+                                          self.gateway_id, raw.topic))
+        self._in_flight[msg.id] = _Received(raw, link, queue_name, msg)
         try:
             await handler(msg)
         except Exception as exc:  # the handler's failure is the message's outcome
@@ -399,7 +426,7 @@ class MqttQueue(MessageQueueInterface):
         received = self._in_flight.get(message_id)
         if received is None:
             return False
-        msg = _to_message(received.message)
+        msg = received.converted
         if requeue:
             extra = {PROP_RETRY: str(msg.retry_count + 1)}
             topic = received.message.topic
@@ -443,11 +470,15 @@ class MqttQueue(MessageQueueInterface):
                                 "MQTT cannot list or remove messages queued for subscribers")
 
 
-def _to_message(raw: mqtt.MQTTMessage) -> QueueMessage:
+def _to_message(raw: mqtt.MQTTMessage, local_topic: str | None = None) -> QueueMessage:
     props: dict[str, str] = {}
-    user = getattr(getattr(raw, "properties", None), "UserProperty", None) or []
+    properties = getattr(raw, "properties", None)
+    user = getattr(properties, "UserProperty", None) or []
     for key, value in user:
         props[str(key)] = str(value)
+    _request_response(properties, props)
+    if PROP_UPLINK not in props and ATTR_MQTT_TOPIC not in props and local_topic:
+        props[ATTR_MQTT_TOPIC] = local_topic  # from a plain client, not a gateway's uplink
     message_id = props.pop(ATTR_MESSAGE_ID, "") or f"mqtt-{raw.topic}-{raw.mid}"
     retry = props.pop(PROP_RETRY, "0")
     props.pop(PROP_UPLINK, None)
@@ -460,3 +491,18 @@ def _to_message(raw: mqtt.MQTTMessage) -> QueueMessage:
     except ValueError:
         timestamp = time.time()
     return QueueMessage(message_id, bytes(raw.payload), props, timestamp, retry_count, raw)
+
+
+def _request_response(properties: Any, attributes: dict[str, str]) -> None:
+    """MQTT 5 response topic, correlation data and message expiry as attributes."""
+    if properties is None:
+        return
+    response_topic = getattr(properties, "ResponseTopic", None)
+    if response_topic:
+        attributes[ATTR_RESPONSE_TOPIC] = str(response_topic)
+    correlation = getattr(properties, "CorrelationData", None)
+    if correlation is not None:
+        attributes.update(correlation_attributes(bytes(correlation)))
+    expiry = getattr(properties, "MessageExpiryInterval", None)
+    if isinstance(expiry, int):
+        attributes[ATTR_EXPIRES_AT] = f"{time.time() + expiry:.3f}"

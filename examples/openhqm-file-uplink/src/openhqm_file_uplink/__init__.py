@@ -20,9 +20,15 @@ It is small but honest, so it can pass the gateway's contract suite:
 - Durability: every write is one ``write`` + ``fsync`` (``fsync: false`` skips the sync);
   a call returns only after it. A torn last line after a crash is cut off on the next load.
   ``publish_batch`` writes the whole batch in one append.
-- One FileQueue per directory at a time: ``connect`` takes an exclusive ``flock`` on
-  ``<directory>/.lock`` (another holder means UplinkUnavailable). Readers without the lock
-  (``pending_messages``) are fine.
+- One FileQueue per queue at a time: its first use of a queue takes an exclusive ``flock``
+  on ``<directory>/<queue>.jsonl.lock`` (another holder means UplinkUnavailable), so the
+  gateway's uplink (the request queue) and its downlink (the response queue) can share a
+  directory. Readers without the lock (``pending_messages``) are fine.
+- Other processes hand messages to a queue someone holds through its inbox: ``drop`` writes
+  one file into ``<directory>/<queue>.inbox/`` (atomically: a temporary name, then a
+  rename), and ``consume`` moves inbox files into the journal in the order they were
+  dropped (each within ``wait_time_seconds``), deleting each file only after its ``put`` is
+  in the journal. A crash in between puts it once more; an id still pending is recognised.
 - Duplicates: a ``put`` of an id still pending in that queue is recognised and not written
   again, so the gateway's at-least-once redeliveries do not double messages.
 - ``consume`` delivers ready messages by (priority desc, arrival); ``delay_seconds`` holds a
@@ -46,6 +52,7 @@ import fcntl
 import json
 import os
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -55,7 +62,7 @@ from gateway.errors import MessageRejected, NotSupportedError, QueueError, Uplin
 from gateway.message import Body, QueueMessage, encode_body, new_message_id
 from gateway.queue.interface import Handler, MessageQueueInterface, PublishResult
 
-__all__ = ["FileQueue", "pending_messages"]
+__all__ = ["FileQueue", "drop", "pending_messages"]
 
 BACKEND = "jsonl_file"
 _COMPACT_MIN_LINES = 1000
@@ -141,6 +148,32 @@ def _read_records(path: Path) -> tuple[list[dict[str, Any]], int]:
     return records, end
 
 
+def drop(directory: str | os.PathLike[str], queue_name: str, body: bytes,
+         attributes: dict[str, str] | None = None, message_id: str | None = None) -> str:
+    """Hand a message to ``queue_name`` from any process, while a FileQueue holds the queue
+    (a cloud-side tool, a sync agent, a test). Returns its id."""
+    inbox = Path(directory) / f"{queue_name}.inbox"
+    inbox.mkdir(parents=True, exist_ok=True)
+    message = QueueMessage(message_id or new_message_id(), body, dict(attributes or {}),
+                           time.time())
+    name = f"{time.time_ns():020d}-{uuid.uuid4().hex}.json"
+    tmp = inbox / f".{name}.tmp"
+    with open(tmp, "wb") as fh:
+        fh.write(json.dumps(_put_record(message, 0, 0.0)).encode())
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, inbox / name)
+    return message.id
+
+
+def _inbox_files(inbox: Path) -> list[Path]:
+    try:
+        names = sorted(n for n in os.listdir(inbox) if n.endswith(".json"))
+    except FileNotFoundError:
+        return []
+    return [inbox / n for n in names]
+
+
 def pending_messages(directory: str | os.PathLike[str], queue_name: str) -> list[QueueMessage]:
     """What a queue holds, in delivery order, read without the lock (for tools and tests)."""
     journal = _Journal(Path(directory) / f"{queue_name}.jsonl")
@@ -163,45 +196,57 @@ class FileQueue(MessageQueueInterface):
         self.max_message_bytes = max_message_bytes
         self.dead_letter_queue = dead_letter_queue
         self._journals: dict[str, _Journal] = {}
-        self._lock_fd: int | None = None
+        #: queue name -> the fd holding that queue's flock
+        self._locks: dict[str, int] = {}
+        self._connected = False
 
     # -- connection ---------------------------------------------------------------------
 
     async def connect(self) -> None:
-        if self._lock_fd is not None:
+        if self._connected:
             return
         try:
-            self._lock_fd = await asyncio.to_thread(self._take_lock)
+            await asyncio.to_thread(self._check_directory)
         except OSError as exc:
             raise UplinkUnavailable(f"cannot use {self.directory}: {exc}", backend=BACKEND) from None
+        self._connected = True
 
-    def _take_lock(self) -> int:
+    def _check_directory(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.directory / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        if not os.access(self.directory, os.W_OK):
+            raise PermissionError(f"{self.directory} is not writable")
+
+    def _take_lock(self, queue_name: str) -> int:
+        fd = os.open(self.directory / f"{queue_name}.jsonl.lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise OSError(f"{self.directory} is in use by another FileQueue") from None
+            raise OSError(f"queue {queue_name!r} is in use by another FileQueue") from None
         return fd
 
-    async def disconnect(self) -> None:
-        fd, self._lock_fd = self._lock_fd, None
-        self._journals.clear()  # in-flight messages are delivered again after a reconnect
+    def _release(self, queue_name: str) -> None:
+        fd = self._locks.pop(queue_name, None)
         if fd is not None:
             os.close(fd)  # closing releases the flock
 
+    async def disconnect(self) -> None:
+        self._connected = False
+        self._journals.clear()  # in-flight messages are delivered again after a reconnect
+        for queue_name in list(self._locks):
+            self._release(queue_name)
+
     async def health_check(self) -> bool:
-        if self._lock_fd is None:
+        if not self._connected:
             return False
         try:
-            await asyncio.to_thread(os.fstat, self._lock_fd)
+            await asyncio.to_thread(os.stat, self.directory)
         except OSError:
             return False
         return os.access(self.directory, os.W_OK)
 
     def _require_connected(self) -> None:
-        if self._lock_fd is None:
+        if not self._connected:
             raise UplinkUnavailable("not connected", backend=BACKEND)
 
     # -- journals -------------------------------------------------------------------------
@@ -216,7 +261,13 @@ class FileQueue(MessageQueueInterface):
         self._require_connected()
         journal = self._journals.get(queue_name)
         if journal is None:
-            journal = _Journal(self._path(queue_name))
+            path = self._path(queue_name)
+            if queue_name not in self._locks:
+                try:
+                    self._locks[queue_name] = await asyncio.to_thread(self._take_lock, queue_name)
+                except OSError as exc:
+                    raise UplinkUnavailable(f"cannot use {path}: {exc}", backend=BACKEND) from None
+            journal = _Journal(path)
             records = await self._io(self._load, journal.path)
             for record in records:
                 journal.apply(record)
@@ -336,6 +387,7 @@ class FileQueue(MessageQueueInterface):
         while True:
             journal = await self._journal(queue_name)
             journal.changed.clear()
+            await self._import_inbox(journal)
             now = time.time()
             batch = journal.take_ready(max(batch_size, 1), now)
             if not batch:
@@ -353,6 +405,26 @@ class FileQueue(MessageQueueInterface):
                 except Exception:  # the handler's failure is the message's outcome: requeue
                     if msg.id in journal.in_flight:
                         await self._requeue(journal, msg.id)
+
+    async def _import_inbox(self, journal: _Journal) -> None:
+        """Move what other processes dropped into the journal, in the order they dropped it."""
+        files = await self._io(_inbox_files, journal.path.with_suffix(".inbox"))
+        if not files:
+            return
+        records: list[dict[str, Any]] = []
+        for path in files:
+            try:
+                record = json.loads(await self._io(path.read_bytes))
+            except ValueError:  # not ours or torn: set aside, never imported twice
+                await self._io(os.replace, path, path.with_suffix(".bad"))
+                continue
+            if record.get("id") not in journal.entries:
+                records.append({**record, "op": "put"})
+        if records:
+            await self._append(journal, records)
+        for path in files:  # only now: a crash before this imports them again (same ids)
+            with contextlib.suppress(FileNotFoundError):
+                await self._io(path.unlink)
 
     def _holder(self, message_id: str) -> _Journal | None:
         return next((j for j in self._journals.values() if message_id in j.in_flight), None)
@@ -411,6 +483,7 @@ class FileQueue(MessageQueueInterface):
         self._require_connected()
         path = self._path(queue_name)
         self._journals.pop(queue_name, None)
+        self._release(queue_name)
         try:
             await asyncio.to_thread(path.unlink)
         except FileNotFoundError:
