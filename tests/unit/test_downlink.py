@@ -321,3 +321,16 @@ def test_several_uplinks_each_have_their_downlink_with_their_own_client_ids() ->
         validate(parse_config({**raw, "uplinks": {"alarms": uplink(1, max_attempts=0)}},
                               "<test>"))
     assert "uplinks.alarms.downlink.max_attempts" in str(caught.value)
+
+
+def test_an_uplinks_downlink_is_reached_from_the_environment() -> None:
+    from gateway.config import load_config
+
+    cfg = load_config(None, {
+        "OPENHQM_UPLINKS__A__TYPE": "redis", "OPENHQM_UPLINKS__A__RESPONSE_QUEUE_NAME": "cmds",
+        "OPENHQM_UPLINKS__A__DOWNLINK__ENABLED": "true",
+        "OPENHQM_UPLINKS__A__DOWNLINK__TOPIC_TEMPLATE": "devices/{device}/cmd",
+        "OPENHQM_INGRESS__SUBSCRIPTIONS": '[{"topic": "sensors/#", "qos": 1}]'})
+    (a,) = cfg.uplinks
+    assert (a.name, a.queue.downlink.enabled, a.queue.downlink.topic_template) == (
+        "a", True, "devices/{device}/cmd")
