@@ -20,4 +20,7 @@ echo "==> ruff"
 echo "==> mypy"
 .venv/bin/mypy
 echo "==> pytest"
-.venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+# Two workers, a test file each at a time (a file's servers and fixtures stay on one worker):
+# most tests wait on servers and outages, so this halves the wall time on 2 cores.
+# TEST_WORKERS=0 runs everything in this process.
+.venv/bin/python -m pytest -q -p no:cacheprovider -n "${TEST_WORKERS:-2}" --dist loadfile "$@"
