@@ -516,6 +516,8 @@ class ObservabilityServer:
         self.source = source
         self.host, self.port = cfg.host, int(cfg.listen.rpartition(":")[2])
         self.bound_port = 0
+        #: set once the socket is bound (``bound_port`` is known)
+        self.listening = asyncio.Event()
         self.auth = BearerAuth(cfg.token) if cfg.token is not None else None
         #: (received/s, uplinked/s) per 10 s, newest last; 30 minutes at most
         self.rates: list[tuple[float, float]] = []
@@ -525,6 +527,7 @@ class ObservabilityServer:
         server = await asyncio.start_server(self._handle, self.host, self.port, ssl=tls,
                                             ssl_handshake_timeout=READ_TIMEOUT if tls else None)
         self.bound_port = server.sockets[0].getsockname()[1]
+        self.listening.set()
         scheme = "https" if tls else "http"
         log.info("metrics and health on %s://%s:%d/ (%s)", scheme, self.host, self.bound_port,
                  "token required but for /healthz" if self.auth else "no token")
