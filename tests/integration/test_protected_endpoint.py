@@ -11,8 +11,10 @@ import asyncio
 import base64
 import contextlib
 import http.client
+import os
 import ssl
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -26,10 +28,11 @@ from gateway.config import Config, load_config
 from gateway.observability.auth import FAILURE_LIMIT
 from gateway.observability.http import ObservabilityServer, Snapshot
 from tests.gateway_process import GatewayProcess, Publisher, gateway_config
-from tests.servers import ServerProcess, wait_until
+from tests.servers import ServerProcess, free_port, wait_until
 
 pytestmark = pytest.mark.integration
 
+REPO = Path(__file__).resolve().parents[2]
 TOKEN = "c0ffee" * 8
 PROTECTED = ("/metrics", "/readyz", "/status.json", "/")
 
@@ -175,13 +178,14 @@ def test_daemon_over_https_with_a_token(tmp_path: Path, mosquitto: ServerProcess
     root = f"prot/{uuid.uuid4().hex[:8]}"
     queue = {"type": "redis", "redis_url": f"redis://127.0.0.1:{redis.port}/0",
              "request_queue_name": f"{root}-stream"}
+    port = free_port()  # the container's healthcheck reads the port from the config
     path = gateway_config(tmp_path, mosquitto.port, root, queue, observability={
-        "token": f"${{file:{tmp_path / 'token'}}}", "tls_cert_file": str(cert),
+        "listen": f"127.0.0.1:{port}", "token": f"${{file:{tmp_path / 'token'}}}", "tls_cert_file": str(cert),
         "tls_key_file": str(key)})
     gw = GatewayProcess(path, tmp_path)
     gw.start()
     base = gw.http_url()
-    assert base.startswith("https://127.0.0.1:")
+    assert base == f"https://127.0.0.1:{port}"
     trusting = ssl.create_default_context(cafile=str(cert))
 
     def fetch(path: str, token: str | None = None) -> tuple[int, str]:
@@ -209,5 +213,12 @@ def test_daemon_over_https_with_a_token(tmp_path: Path, mosquitto: ServerProcess
     metrics = fetch("/metrics", TOKEN)[1]
     assert 'openhqm_gateway_http_auth_failures_total{reason="missing_token"} 1' in metrics
     assert 'openhqm_gateway_http_auth_failures_total{reason="wrong_token"} 1' in metrics
+    # the container's HEALTHCHECK follows the config to HTTPS, and /healthz needs no token
+    check = subprocess.run([sys.executable, str(REPO / "packaging" / "docker-healthcheck.py")],
+                           env={"OPENHQM_CONFIG": str(path), "PYTHONPATH": str(REPO),
+                                "PATH": os.environ.get("PATH", "")},
+                           capture_output=True, text=True, timeout=30, check=False)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert check.stdout.strip() == f"healthy: {base}/healthz"
     assert gw.stop() == 0
     pub.close()
