@@ -22,14 +22,23 @@ Parsed once into frozen dataclasses; nothing downstream reads raw dicts.
   always lists at least one uplink; ``config.uplink_view(u)`` is the config as the seed's
   code sees one uplink (its ``queue`` and ``forwarder``).
 - Unknown keys and wrong types raise ConfigError naming the key, the value and the source.
+- Some keys hold a secret that must never sit in the file in clear (``_REFERENCE_ONLY``:
+  ``observability.token``): their value, in the file or an ``OPENHQM_`` variable, must be
+  exactly one ``${credential:NAME}`` or ``${file:/abs/path}`` reference; anything else is a
+  ConfigError naming the key. ``load_config`` enforces this; ``parse_config`` receives the
+  already resolved secret.
+- The observability endpoint is open only on loopback: listening anywhere else needs
+  ``observability.token`` (or, explicitly, ``allow_unauthenticated: true``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import re
 import socket
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
@@ -177,6 +186,48 @@ class ObservabilityConfig:
     stuck_backlog_age: Annotated[float, DURATION] = 900.0
     #: /readyz fails when messages wait and the uplink acknowledged nothing for this long
     stuck_no_ack: Annotated[float, DURATION] = 600.0
+    #: bearer token required by every route but /healthz (also on loopback); only as a
+    #: ${credential:NAME} or ${file:/abs/path} reference, never in clear. None = no token
+    token: str | None = secret(None)
+    #: listen beyond loopback without a token (something else must protect the port)
+    allow_unauthenticated: bool = False
+    #: PEM certificate (chain) and private key: HTTPS instead of HTTP; both or neither
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+
+    @property
+    def host(self) -> str:
+        """The listen address's host, without IPv6 brackets."""
+        return self.listen.rpartition(":")[0].strip("[]")
+
+    @property
+    def on_loopback(self) -> bool:
+        """Whether the endpoint listens on loopback only (127.0.0.0/8, ::1, localhost)."""
+        return is_loopback(self.host)
+
+
+def is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # any other host name may resolve anywhere
+        return False
+
+
+def observability_tls_context(obs: ObservabilityConfig) -> ssl.SSLContext | None:
+    """The server's TLS context, or None without ``tls_cert_file``; a certificate and key
+    that do not load (or do not match) are a ConfigError naming ``tls_cert_file``."""
+    if obs.tls_cert_file is None or obs.tls_key_file is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(obs.tls_cert_file, obs.tls_key_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError("observability.tls_cert_file", obs.tls_cert_file,
+                          f"cannot load it with observability.tls_key_file={obs.tls_key_file!r}"
+                          f" (PEM certificate and its matching private key): {exc}") from None
+    return context
 
 
 @dataclass(frozen=True, slots=True)
@@ -288,6 +339,23 @@ def _read_yaml(path: str, env: Mapping[str, str]) -> dict[str, Any]:
     return expanded
 
 
+#: keys whose value must be a secret reference, never the secret itself
+_REFERENCE_ONLY = frozenset({"observability.token"})
+_REFERENCE = re.compile(r"\$\{(credential|file):([^}]+)\}")
+
+
+def _secret_reference(value: Any, env: Mapping[str, str], key: str, source: str) -> Any:
+    """The secret a reference-only key names; the key's value itself is refused."""
+    if value is None:
+        return None
+    match = _REFERENCE.fullmatch(value) if isinstance(value, str) else None
+    if match is None:
+        raise ConfigError(key, value, "must be a reference to the secret, not the secret: "
+                          "${credential:NAME} (systemd LoadCredential=) or ${file:/absolute/path}",
+                          source)
+    return _read_secret(match[1], match[2], env, key=key, value=value, source=source)
+
+
 _VAR = re.compile(r"\$\{(?:(credential|file):([^}]+)|([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?)\}")
 
 
@@ -316,6 +384,8 @@ def _read_secret(kind: str, ref: str, env: Mapping[str, str], *, key: str, value
 
 
 def _expand(value: Any, env: Mapping[str, str], key: str, source: str) -> Any:
+    if key in _REFERENCE_ONLY:
+        return _secret_reference(value, env, key, source)
     if isinstance(value, dict):
         return {k: _expand(v, env, f"{key}.{k}" if key else str(k), source) for k, v in value.items()}
     if isinstance(value, list):
@@ -343,6 +413,9 @@ def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> None:
             known = ", ".join(f"{ENV_PREFIX}{s.upper()}__..." for s in sorted(_TOP_LEVEL))
             raise ConfigError(name, value, f"not a config variable; expected one of {known}",
                               "environment")
+        dotted = ".".join(parts)
+        resolved = (_secret_reference(value, env, dotted, f"environment {name}")
+                    if dotted in _REFERENCE_ONLY else value)
         node = raw
         for part in parts[:-1]:
             child = node.get(part)
@@ -350,7 +423,7 @@ def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> None:
                 child = {}
                 node[part] = child
             node = child
-        node[parts[-1]] = value
+        node[parts[-1]] = resolved
 
 
 def parse_config(raw: Mapping[str, Any], source: str) -> Config:
@@ -515,12 +588,52 @@ def validate(cfg: Config) -> None:
             "must be at least 1")
     for u in cfg.uplinks:
         p.found += _downlink_problems(cfg, u, f"uplinks.{u.name}" if several else "queue")
-    listen = cfg.observability.listen
-    if listen:
-        host, _, port = listen.rpartition(":")
-        p.check(bool(host) and port.isdigit() and 0 <= int(port) <= 65535,
-                "observability.listen", listen, "expected host:port, e.g. 127.0.0.1:9108")
+    _check_observability(p, cfg.observability)
     raise_config_errors(p.found)
+
+
+#: a token is sent in an HTTP header: printable ASCII without spaces, and long enough
+_TOKEN = re.compile(r"[\x21-\x7e]{16,}")
+
+
+def _check_observability(p: _Problems, obs: ObservabilityConfig) -> None:
+    if not obs.listen:
+        return
+    host, _, port = obs.listen.rpartition(":")
+    p.check(bool(host) and port.isdigit() and 0 <= int(port) <= 65535,
+            "observability.listen", obs.listen, "expected host:port, e.g. 127.0.0.1:9108")
+    if obs.token is not None:
+        p.check(bool(_TOKEN.fullmatch(obs.token)), "observability.token", obs.token,
+                "the token must be at least 16 printable ASCII characters without spaces "
+                "(e.g. openssl rand -hex 32)")
+    p.check(not host or obs.on_loopback or obs.token is not None or obs.allow_unauthenticated,
+            "observability.listen", obs.listen,
+            "listens beyond loopback without a token: anyone who reaches the port reads "
+            "/metrics and the status page. Set observability.token: ${credential:NAME} (or "
+            "${file:/abs/path}), listen on 127.0.0.1, or set "
+            "observability.allow_unauthenticated: true if a firewall or proxy protects it")
+    cert, key = obs.tls_cert_file, obs.tls_key_file
+    p.check(cert is not None or key is None, "observability.tls_cert_file", cert,
+            "observability.tls_key_file is set: set both (HTTPS) or neither (HTTP)")
+    p.check(key is not None or cert is None, "observability.tls_key_file", key,
+            "observability.tls_cert_file is set: set both (HTTPS) or neither (HTTP)")
+    readable = [_readable(p, f"observability.{name}", path)
+                for name, path in (("tls_cert_file", cert), ("tls_key_file", key))
+                if path is not None]
+    if len(readable) == 2 and all(readable):
+        try:
+            observability_tls_context(obs)
+        except ConfigError as exc:
+            p.found.append(ConfigError(exc.key, exc.value, exc.reason, p.source))
+
+
+def _readable(p: _Problems, key: str, path: str) -> bool:
+    try:
+        with open(path, "rb"):
+            return True
+    except OSError as exc:
+        p.check(False, key, path, f"cannot read the file: {exc.strerror}")
+        return False
 
 
 def _check_forwarder(p: _Problems, fw: ForwarderConfig, key: str) -> None:

@@ -2,11 +2,15 @@
 
 The address comes from the gateway's own configuration (file + OPENHQM_* environment), so a
 changed ``observability.listen`` is followed. Exit 0 when the endpoint answers 200, else 1.
+With ``observability.tls_cert_file`` the check speaks HTTPS without verifying the certificate:
+it asks its own process on this host for /healthz (open without the token), and the
+certificate's names need not include the address it dials.
 """
 
 from __future__ import annotations
 
 import os
+import ssl
 import sys
 import urllib.error
 import urllib.request
@@ -18,10 +22,11 @@ from gateway.errors import ConfigError
 def main() -> int:
     path = os.environ.get(ENV_CONFIG_PATH) or DEFAULT_CONFIG_PATH
     try:
-        listen = load_config(None if path == "none" else path).observability.listen
+        obs = load_config(None if path == "none" else path).observability
     except ConfigError as exc:
         print(f"unhealthy: invalid configuration: {exc}")
         return 1
+    listen = obs.listen
     if not listen:
         print("unhealthy: observability.listen is off, so /healthz cannot be checked")
         return 1
@@ -33,9 +38,11 @@ def main() -> int:
         host = "::1"
     if ":" in host:
         host = f"[{host}]"
-    url = f"http://{host}:{port}/healthz"
+    tls = obs.tls_cert_file is not None
+    url = f"{'https' if tls else 'http'}://{host}:{port}/healthz"
+    context = ssl._create_unverified_context() if tls else None
     try:
-        with urllib.request.urlopen(url, timeout=5) as resp:
+        with urllib.request.urlopen(url, timeout=5, context=context) as resp:
             ok = resp.status == 200
     except (OSError, urllib.error.URLError) as exc:
         print(f"unhealthy: {url}: {exc}")

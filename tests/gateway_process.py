@@ -91,7 +91,7 @@ class GatewayProcess:
 
     def http_url(self) -> str:
         """The base URL of the daemon's observability endpoint (from its start-up log)."""
-        match = re.findall(r"metrics and health on (http://[0-9.:]+)/", self.log())
+        match = re.findall(r"metrics and health on (https?://[0-9.:]+)/", self.log())
         if not match:
             raise AssertionError(f"no observability endpoint in the log:\n{self.log()}")
         return str(match[-1])

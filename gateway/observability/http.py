@@ -17,6 +17,12 @@ Routes (GET only, loopback by default — ``observability.listen``):
 
 The server is a few dozen lines on ``asyncio.start_server``: one request per connection,
 bounded header size and read time, no third-party web framework on a 1 GB device.
+
+Protection (``observability.token``, ``tls_cert_file``/``tls_key_file``; config.py refuses
+to listen beyond loopback without a token unless ``allow_unauthenticated``): with a token,
+every route but ``/healthz`` needs it, on loopback too — 401 with ``WWW-Authenticate``
+without it, 429 with ``Retry-After`` for an address that failed too often (auth.py). With
+the TLS pair the same routes are served over HTTPS only.
 """
 
 from __future__ import annotations
@@ -31,8 +37,9 @@ from dataclasses import dataclass, field
 
 import orjson
 
-from gateway.config import ObservabilityConfig
+from gateway.config import ObservabilityConfig, observability_tls_context
 from gateway.downlink.downlink import DownlinkStats
+from gateway.observability.auth import BearerAuth
 
 log = logging.getLogger("gateway.http")
 
@@ -487,20 +494,46 @@ def _downlink_card(i: int, d: DownlinkStats, f: dict[str, str]) -> str:
 """
 
 
+@dataclass(frozen=True, slots=True)
+class Response:
+    status: int
+    content_type: str
+    body: bytes
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
+           405: "Method Not Allowed", 429: "Too Many Requests", 500: "Internal Server Error",
+           503: "Service Unavailable"}
+#: Bearer for tools; Basic too, so that a browser asks for the token (auth.py)
+CHALLENGE = (("WWW-Authenticate", 'Bearer realm="openhqm-gateway"'),
+             ("WWW-Authenticate", 'Basic realm="openhqm-gateway", charset="UTF-8"'))
+
+
 class ObservabilityServer:
     def __init__(self, cfg: ObservabilityConfig, source: SnapshotSource) -> None:
         self.cfg = cfg
         self.source = source
-        host, _, port = cfg.listen.rpartition(":")
-        self.host, self.port = host, int(port)
+        self.host, self.port = cfg.host, int(cfg.listen.rpartition(":")[2])
         self.bound_port = 0
+        #: set once the socket is bound (``bound_port`` is known)
+        self.listening = asyncio.Event()
+        self.auth = BearerAuth(cfg.token) if cfg.token is not None else None
         #: (received/s, uplinked/s) per 10 s, newest last; 30 minutes at most
         self.rates: list[tuple[float, float]] = []
 
     async def run(self) -> None:
-        server = await asyncio.start_server(self._handle, self.host, self.port)
+        tls = observability_tls_context(self.cfg)
+        server = await asyncio.start_server(self._handle, self.host, self.port, ssl=tls,
+                                            ssl_handshake_timeout=READ_TIMEOUT if tls else None)
         self.bound_port = server.sockets[0].getsockname()[1]
-        log.info("metrics and health on http://%s:%d/", self.host, self.bound_port)
+        self.listening.set()
+        scheme = "https" if tls else "http"
+        log.info("metrics and health on %s://%s:%d/ (%s)", scheme, self.host, self.bound_port,
+                 "token required but for /healthz" if self.auth else "no token")
+        if self.auth and not tls and not self.cfg.on_loopback:
+            log.warning("observability.token travels in clear over the network: set "
+                        "observability.tls_cert_file and tls_key_file for HTTPS")
         async with server:
             await self._sample_rates()
 
@@ -521,41 +554,65 @@ class ObservabilityServer:
         try:
             async with asyncio.timeout(READ_TIMEOUT):
                 head = await reader.readuntil(b"\r\n\r\n")
-            status, ctype, body = await self._route(head)
+            peer = writer.get_extra_info("peername")
+            resp = await self._route(head, str(peer[0]) if peer else "")
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, ValueError):
-            status, ctype, body = 400, "text/plain", b"bad request\n"
+            resp = Response(400, "text/plain", b"bad request\n")
         except Exception:  # a broken snapshot must not kill the server; it is reported
             log.exception("observability request failed")
-            status, ctype, body = 500, "text/plain", b"internal error\n"
-        reason = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
-                  500: "Internal Server Error", 503: "Service Unavailable"}[status]
-        writer.write(f"HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\n"
-                     f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
+            resp = Response(500, "text/plain", b"internal error\n")
+        extra = "".join(f"{k}: {v}\r\n" for k, v in resp.headers)
+        writer.write(f"HTTP/1.1 {resp.status} {REASONS[resp.status]}\r\n"
+                     f"Content-Type: {resp.content_type}\r\nContent-Length: {len(resp.body)}\r\n"
+                     f"{extra}Connection: close\r\n\r\n".encode() + resp.body)
         with contextlib.suppress(ConnectionError):
             await writer.drain()
         writer.close()
 
-    async def _route(self, head: bytes) -> tuple[int, str, bytes]:
+    async def _route(self, head: bytes, peer: str) -> Response:
         if len(head) > MAX_REQUEST_BYTES:
             raise ValueError("request too large")
-        method, path, _ = head.split(b"\r\n", 1)[0].decode("latin-1").split(" ", 2)
+        request_line, *header_lines = head.decode("latin-1").split("\r\n")
+        method, path, _ = request_line.split(" ", 2)
         path = path.split("?", 1)[0]
         if method != "GET":
-            return 405, "text/plain", b"GET only\n"
+            return Response(405, "text/plain", b"GET only\n")
         if path == "/healthz":
-            return 200, "text/plain", b"ok\n"
+            return Response(200, "text/plain", b"ok\n")
+        if self.auth is not None:
+            verdict = self.auth.check(peer, _header(header_lines, "authorization"))
+            if verdict == "throttled":
+                return Response(429, "text/plain", b"too many failed attempts; try later\n",
+                                (("Retry-After", str(int(self.auth.block))),))
+            if verdict != "ok":
+                return Response(401, "text/plain", b"a bearer token is required\n", CHALLENGE)
+        return await self._answer(path)
+
+    async def _answer(self, path: str) -> Response:
         if path not in ("/metrics", "/readyz", "/", "/status.json"):
-            return 404, "text/plain", b"not found\n"
+            return Response(404, "text/plain", b"not found\n")
         snap = await self.source()
         failures = readiness(snap, self.cfg)
         if path == "/metrics":
-            return 200, "text/plain; version=0.0.4", render_metrics(snap).encode()
+            text = render_metrics(snap)
+            if self.auth is not None:
+                text += "\n".join(self.auth.metric_lines()) + "\n"
+            return Response(200, "text/plain; version=0.0.4", text.encode())
         if path == "/readyz":
             body = ("ready\n" if not failures else "\n".join(failures) + "\n").encode()
-            return (200 if not failures else 503), "text/plain", body
+            return Response(200 if not failures else 503, "text/plain", body)
         if path == "/status.json":
-            return 200, "application/json", orjson.dumps(
+            return Response(200, "application/json", orjson.dumps(
                 {"ready": not failures, "failures": failures, "rates": self.rates,
-                 "snapshot": snap})
-        return 200, "text/html; charset=utf-8", render_page(snap, failures, self.rates).encode()
+                 "snapshot": snap}))
+        return Response(200, "text/html; charset=utf-8",
+                        render_page(snap, failures, self.rates).encode())
 
+
+def _header(lines: list[str], name: str) -> str | None:
+    """The first header ``name`` (case-insensitive) among the request's header lines."""
+    for line in lines:
+        key, sep, value = line.partition(":")
+        if sep and key.strip().lower() == name:
+            return value.strip()
+    return None
