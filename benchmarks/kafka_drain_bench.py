@@ -23,8 +23,9 @@ What happens:
    timed), then the Forwarder (gateway.forwarder.Forwarder) drains it through KafkaQueue
    with ``drain_once`` until the store is empty: lease a batch, publish_batch, settle it
    in SQLite (with the chosen durability). Timed from uplink connect to the last settle.
-   Each gateway record also carries the message id and MQTT topic as headers, which kcat
-   cannot vary per message: the gateway sends ~70 more bytes per message.
+   Each gateway record also carries the message id, MQTT topic and gateway id as headers
+   (the store stamps the gateway id as the daemon's does), which kcat cannot vary per
+   message: the gateway sends ~100 more bytes per message.
 5. Both topics' high watermarks are checked against N.
 
 Three ceilings are measured in the same run, each alone, to show where the gateway's time
@@ -32,8 +33,8 @@ goes (none of them does the gateway's whole job):
 
 - ``librdkafka from Python``: confluent-kafka's Producer (the client the uplink uses)
   producing the same N messages with the gateway's keys and headers (message id, MQTT
-  topic), a delivery report each, in batches of 1,024 each waited for; keys and headers are
-  built before the clock starts.
+  topic, gateway id), a delivery report each, in batches of 1,024 each waited for; keys
+  and headers are built before the clock starts.
 - ``forwarder + store, no network``: the same Forwarder draining N stored messages into an
   uplink that accepts everything at once: lease + settle in SQLite and the Python around it.
 - ``store alone``: ``StoreDb.lease`` + ``settle`` of the same messages in batches of the
@@ -63,7 +64,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from gateway.config import Config, ForwarderConfig, QueueConfig, StoreConfig
 from gateway.forwarder import UPLINK_QUEUE, Forwarder
-from gateway.message import ATTR_MESSAGE_ID, ATTR_MQTT_TOPIC, QueueMessage, new_message_id
+from gateway.message import (
+    ATTR_GATEWAY_ID,
+    ATTR_MESSAGE_ID,
+    ATTR_MQTT_TOPIC,
+    QueueMessage,
+    new_message_id,
+)
 from gateway.queue.interface import PublishResult
 from gateway.store.db import Limits, StoreDb
 from gateway.store.records import NewMessage, Settlement
@@ -74,6 +81,8 @@ from tests.kafka_read import end_offsets
 from tests.kafka_server import kafka_server, missing_requirements
 
 DEVICES = 10
+#: the gateway id header every record carries (the daemon's store stamps gateway.id)
+BENCH_GATEWAY_ID = "bench-gateway-01"
 #: records per batch of the warm-up and the librdkafka ceiling (the gateway's batch size)
 BATCH = 2000
 
@@ -138,7 +147,8 @@ def run_librdkafka(bootstrap: str, topic: str, messages: list[NewMessage],
                          "compression.type": args.compression,
                          "partitioner": "murmur2_random"})
     records = [(m.payload, m.topic.split("/")[1].encode(),
-                [(ATTR_MESSAGE_ID, new_message_id().encode()), (ATTR_MQTT_TOPIC, m.topic.encode())])
+                [(ATTR_MESSAGE_ID, new_message_id().encode()), (ATTR_MQTT_TOPIC, m.topic.encode()),
+                 (ATTR_GATEWAY_ID, BENCH_GATEWAY_ID.encode())])
                for m in messages]
     delivered = [0]
 
@@ -222,7 +232,7 @@ async def store_only_drain(messages: list[NewMessage], args: argparse.Namespace,
     config = Config(store=store_config(workdir, "store-only.db", len(messages), args),
                     forwarder=ForwarderConfig(batch_size=args.batch_size),
                     queue=QueueConfig(type="kafka", request_queue_name="none"))
-    store = Store(config.store_path, config.store)
+    store = Store(config.store_path, config.store, stamp={ATTR_GATEWAY_ID: BENCH_GATEWAY_ID})
     await store.open()
     try:
         await fill(store, messages)
@@ -245,7 +255,7 @@ async def gateway_drain(bootstrap: str, topic: str, messages: list[NewMessage],
         forwarder=ForwarderConfig(batch_size=args.batch_size),
         queue=QueueConfig(type="kafka", request_queue_name=topic,
                           settings=settings(bootstrap, args)))
-    store = Store(config.store_path, config.store)
+    store = Store(config.store_path, config.store, stamp={ATTR_GATEWAY_ID: BENCH_GATEWAY_ID})
     await store.open()
     try:
         await fill(store, messages)

@@ -65,7 +65,8 @@ ENV_CONFIG_PATH = "OPENHQM_CONFIG"
 
 @dataclass(frozen=True, slots=True)
 class GatewaySection:
-    #: this gateway's name; goes into client ids and consumer names. '' = the host name
+    #: this gateway's name: the openhqm_gateway_id attribute of every uplinked message, key
+    #: templates' {gateway_id}, client ids and consumer names. '' = the host name
     id: str = ""
     #: where the store and other state live
     state_dir: str = "/var/lib/openhqm-gateway"
@@ -298,6 +299,8 @@ class Config:
 _QUEUE_COMMON = {"type", "request_queue_name", "response_queue_name", "dlq_name"}
 _TOP_LEVEL = {"gateway", "ingress", "store", "forwarder", "queue", "uplinks", "logging",
               "observability"}
+#: the longest ``gateway.id``: it travels as an attribute on every message (and in client ids)
+GATEWAY_ID_MAX = 128
 #: the name of the uplink the ``queue:`` section configures
 DEFAULT_UPLINK = "default"
 _UPLINK_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
@@ -549,6 +552,10 @@ def validate(cfg: Config) -> None:
     """Cross-field checks that types alone cannot express; every failing one is reported."""
     ing, st, fw = cfg.ingress, cfg.store, cfg.forwarder
     p = _Problems(cfg.source)
+    gid = cfg.gateway_id
+    p.check(0 < len(gid) <= GATEWAY_ID_MAX and gid.isprintable() and gid.strip() == gid,
+            "gateway.id", gid, f"must be 1..{GATEWAY_ID_MAX} printable characters without "
+            "leading or trailing spaces (it goes on every uplinked message)")
     p.check(1 <= ing.port <= 65535, "ingress.port", ing.port, "must be 1..65535")
     p.check(bool(ing.subscriptions), "ingress.subscriptions", [], "needs at least one topic")
     for i, sub in enumerate(ing.subscriptions):

@@ -26,6 +26,10 @@ import orjson
 
 # Attribute names the gateway sets on every message it forwards.
 ATTR_MESSAGE_ID = "openhqm_message_id"
+#: ``gateway.id`` of the gateway that uplinked the message (the host name by default): a cloud
+#: consumer tells gateways apart by it. Set by the store on what it hands out (one entry of the
+#: per-shape attribute dict, no per-message cost); the gateway's value wins over a device's.
+ATTR_GATEWAY_ID = "openhqm_gateway_id"
 ATTR_MQTT_TOPIC = "mqtt_topic"
 ATTR_MQTT_QOS = "mqtt_qos"
 ATTR_MQTT_RETAIN = "mqtt_retain"

@@ -32,6 +32,7 @@ from gateway.downlink.downlink import Downlink
 from gateway.errors import StoreError
 from gateway.forwarder import UPLINK_QUEUE, Forwarder
 from gateway.ingress import MqttIngress
+from gateway.message import ATTR_GATEWAY_ID
 from gateway.observability.http import ObservabilityServer, Snapshot, UplinkSnapshot
 from gateway.observability.systemd import sd_notify, watchdog_interval
 from gateway.queue.interface import MessageQueueInterface
@@ -52,7 +53,8 @@ class Gateway:
 
     def __init__(self, config: Config, uplink: MessageQueueInterface | None = None) -> None:
         self.config = config
-        self.store = Store(config.store_path, config.store)
+        self.store = Store(config.store_path, config.store,
+                           stamp={ATTR_GATEWAY_ID: config.gateway_id})
         self.uplinks: dict[str, MessageQueueInterface] = {}
         self.forwarders: dict[str, Forwarder] = {}
         for u in config.uplinks:

@@ -90,6 +90,7 @@ from gateway.ingress.codec import (
 )
 from gateway.message import (
     ATTR_CONTENT_TYPE,
+    ATTR_GATEWAY_ID,
     ATTR_MESSAGE_ID,
     ATTR_MQTT_QOS,
     ATTR_MQTT_RETAIN,
@@ -107,7 +108,8 @@ Sink = Callable[[list[NewMessage]], Awaitable[list[AppendOutcome]]]
 
 #: attribute names only the gateway sets; a user property cannot override them
 RESERVED_ATTRIBUTES = frozenset(
-    {ATTR_MESSAGE_ID, ATTR_MQTT_TOPIC, ATTR_MQTT_QOS, ATTR_MQTT_RETAIN, ATTR_CONTENT_TYPE})
+    {ATTR_MESSAGE_ID, ATTR_GATEWAY_ID, ATTR_MQTT_TOPIC, ATTR_MQTT_QOS, ATTR_MQTT_RETAIN,
+     ATTR_CONTENT_TYPE})
 MAX_PENDING_BYTES = 64 * 1024**2
 HANDSHAKE_TIMEOUT = 10.0
 

@@ -10,6 +10,7 @@ Placeholders, anything else is literal text:
     {topic[N]}     its Nth level, 0-based; -1 = last   {topic[1]} -> dev-17
     {attr:NAME}    a message attribute                 {attr:device_id}
     {id}           the gateway message id (spreads messages evenly, no order)
+    {gateway_id}   gateway.id, the openhqm_gateway_id attribute   {gateway_id}/{topic[1]}
 
 A placeholder without a value renders as ''. A key that renders empty means "no key".
 Not ``str.format``: a template from config must not reach attributes of Python objects.
@@ -22,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from gateway.errors import ConfigError
-from gateway.message import ATTR_MQTT_TOPIC, QueueMessage
+from gateway.message import ATTR_GATEWAY_ID, ATTR_MQTT_TOPIC, QueueMessage
 
 _PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
 _LEVEL = re.compile(r"topic\[(-?[0-9]+)\]")
@@ -58,6 +59,10 @@ def _attr(name: str) -> Part:
 
 def _id(msg: QueueMessage) -> str:
     return msg.id
+
+
+def _gateway_id(msg: QueueMessage) -> str:
+    return msg.attributes.get(ATTR_GATEWAY_ID, "")
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,10 +122,12 @@ def _placeholder(name: str, template: str, key: str) -> Part:
         return _topic
     if name == "id":
         return _id
+    if name == "gateway_id":
+        return _gateway_id
     level = _LEVEL.fullmatch(name)
     if level:
         return _level(int(level.group(1)))
     if name.startswith("attr:") and len(name) > len("attr:"):
         return _attr(name[len("attr:"):])
     raise ConfigError(key, template, f"unknown placeholder {{{name}}}; use {{topic}}, "
-                      "{topic[N]}, {attr:NAME} or {id}")
+                      "{topic[N]}, {attr:NAME}, {id} or {gateway_id}")

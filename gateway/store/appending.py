@@ -250,7 +250,7 @@ class AppendDb(RetentionDb):
                         "VALUES (?, ?, ?, ?, ?)",
                         (name, queue, log.head_seq, log.head_pos, time.time()))
         cur = self.cursors[name] = Cursor(name, queue, qid, log.head_seq, log.head_pos,
-                                          prefix=self.id_prefix)
+                                          prefix=self.id_prefix, stamp=self.stamp)
         cur.read_cum = log.head_cum
         return cur
 

@@ -125,6 +125,8 @@ class CoreDb:
         self.cursors: dict[str, Cursor] = {}
         self.qids: dict[str, int] = {}
         self.id_prefix = ""
+        #: attributes added to every message handed out (the gateway id; Store(stamp=))
+        self.stamp: dict[str, str] = {}
         self.clean_start = True
         #: (messages, counted bytes) held, as of the last operation (read by other threads)
         self.totals = (0, 0)
@@ -233,7 +235,7 @@ class CoreDb:
         for name, queue, seq, pos, topics in c.execute(
                 "SELECT name, queue, seq, pos, topics FROM cursors"):
             cur = self.cursors[name] = Cursor(name, queue, self.qids.get(queue, -1), seq, pos,
-                                              prefix=self.id_prefix)
+                                              prefix=self.id_prefix, stamp=self.stamp)
             cur.route(tuple(orjson.loads(topics)) if topics else ())
         self._load_parked()
         self._load_dead()

@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import bisect
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
-from gateway.store.frames import Frame
+from gateway.store.frames import NO_STAMP, Frame
 from gateway.store.log import Chunk, Damaged, Log
 from gateway.store.records import StoredMessage
 from gateway.topics import topic_matches
@@ -42,12 +42,14 @@ _ROUTE_CACHE = 8192
 
 class Cursor:
     def __init__(self, name: str, queue: str, qid: int, seq: int, pos: int, *,
-                 prefix: str) -> None:
+                 prefix: str, stamp: Mapping[str, str] = NO_STAMP) -> None:
         self.name = name
         self.queue = queue
         self.qid = qid
         #: the store's id prefix (derived message ids)
         self.prefix = prefix
+        #: attributes the store adds to every message it hands out (the gateway id)
+        self.stamp = stamp
         self.saved_seq = seq
         self.saved_pos = pos
         self.read_seq = seq
@@ -145,7 +147,7 @@ class Cursor:
                 self.read_seq = max(self.read_seq, header.next_seq)
                 pos = header.end
                 continue
-            found.queue, found.prefix = self.queue, self.prefix
+            found.queue, found.prefix, found.stamp = self.queue, self.prefix, self.stamp
             self.frame, self.read_pos, self.read_cum = found, at, header.cum_bytes
             return True
 

@@ -57,7 +57,7 @@ class DeliveryDb(AppendDb):
             return main
         side = parked.ready(self._c, cur.name, queue, now, limit,
                             held=[-h for h in self.leases.held(cur.name)],
-                            blocked=self.leases.blocked_topics(cur.name))
+                            blocked=self.leases.blocked_topics(cur.name), stamp=self.stamp)
         if not side:
             return main
         batch = self._merge(cur, side, main, limit, max_bytes)

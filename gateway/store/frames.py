@@ -29,9 +29,10 @@ import struct
 import sys
 import zlib
 from array import array
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from itertools import accumulate
+from types import MappingProxyType
 from typing import NamedTuple
 
 import orjson
@@ -56,6 +57,8 @@ HAS_EXTRAS = 0x10
 
 _QOS_TEXT = ("0", "1", "2", "3")
 _BIG_ENDIAN = sys.byteorder != "little"
+#: a frame read outside a cursor: nothing added to its records' attributes
+NO_STAMP: Mapping[str, str] = MappingProxyType({})
 #: a delta that does not fit in u32 milliseconds (49 days) goes into a frame of its own
 MAX_DELTA_MS = 0xFFFF_FFFF
 #: compress only when it saves at least this fraction (1/8)
@@ -192,6 +195,7 @@ class Frame:
         "prefix",
         "queue",
         "sizes",
+        "stamp",
         "topic_idx",
         "topics",
     )
@@ -203,6 +207,8 @@ class Frame:
         self._heads: dict[int, str] = {}
         #: set by the reader: the queue's name and the store's id prefix (derived ids)
         self.queue = self.prefix = ""
+        #: set by the reader: attributes the store adds to every record (the gateway id)
+        self.stamp: Mapping[str, str] = NO_STAMP
         if zlib.crc32(stored_body) != header.crc:
             raise FrameError(f"frame at {header.pos}: CRC mismatch")
         body = bytes(stored_body)
@@ -297,6 +303,8 @@ class Frame:
             topic = self.topics[key[0]]
             if topic:
                 found.setdefault(ATTR_MQTT_TOPIC, topic)
+            if self.stamp:
+                found.update(self.stamp)
         return found
 
     def id_head(self, i: int) -> str:

@@ -12,7 +12,7 @@ returned so the caller keeps its totals.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,11 +65,12 @@ def _attrs(blob: bytes | None) -> dict[str, str]:
     return orjson.loads(blob) if blob else {}
 
 
-def _message(row: Sequence[Any], queue: str) -> StoredMessage:
+def _message(row: Sequence[Any], queue: str,
+             stamp: Mapping[str, str] | None = None) -> StoredMessage:
     pid, _, seq, msg_id, topic, payload, attributes, priority, received_at, attempts = row
     return StoredMessage.detached(-pid, queue, topic, payload, received_at, order=seq,
                                   priority=priority, attempts=attempts, msg_id=msg_id,
-                                  attributes=_attrs(attributes))
+                                  attributes=_attrs(attributes), stamp=stamp)
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,7 +102,8 @@ def park(c: sqlite3.Connection, cursor: str, rows: Iterable[ParkedRow]) -> tuple
 
 
 def ready(c: sqlite3.Connection, cursor: str, queue: str, now: float, limit: int, *,
-          held: list[int], blocked: list[str]) -> list[StoredMessage]:
+          held: list[int], blocked: list[str],
+          stamp: Mapping[str, str] | None = None) -> list[StoredMessage]:
     """Ready parked messages in delivery order: not held, not due later, and not behind a
     retry that is backing off or in flight on the same topic (``blocked``)."""
     rows = c.execute(
@@ -114,7 +116,7 @@ def ready(c: sqlite3.Connection, cursor: str, queue: str, now: float, limit: int
             ORDER BY priority DESC, seq LIMIT :limit""",
         {"c": cursor, "now": now, "limit": limit, "held": orjson.dumps(held),
          "blocked": orjson.dumps(blocked)}).fetchall()
-    return [_message(r, queue) for r in rows]
+    return [_message(r, queue, stamp) for r in rows]
 
 
 def delete(c: sqlite3.Connection, pids: Sequence[int]) -> list[tuple[str, str, int, int]]:

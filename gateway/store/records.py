@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -64,11 +65,13 @@ class _Ext:
     """What a stored message knows beyond a log record's hand-out: a detached message's own
     fields, and the caches of what was built on first use."""
 
-    __slots__ = ("attempts", "order", "priority", "qattrs", "queue", "raw_attrs", "received")
+    __slots__ = ("attempts", "order", "priority", "qattrs", "queue", "raw_attrs", "received",
+                 "stamp")
 
     def __init__(self, order: int, received: float | None = None, queue: str = "",  # noqa: PLR0917
                  priority: int = 0, attempts: int = 0,
-                 raw_attrs: dict[str, str] | None = None) -> None:
+                 raw_attrs: dict[str, str] | None = None,
+                 stamp: Mapping[str, str] | None = None) -> None:
         self.order = order
         self.received = received
         self.queue = queue
@@ -78,6 +81,8 @@ class _Ext:
         self.raw_attrs = raw_attrs
         #: the attributes as the uplink sees them (with the id and the MQTT topic), once built
         self.qattrs: dict[str, str] | None = None
+        #: a detached message's store-wide attributes (a log record's are its frame's)
+        self.stamp = stamp
 
 
 class StoredMessage(QueueMessage):
@@ -116,12 +121,13 @@ class StoredMessage(QueueMessage):
     @classmethod
     def detached(cls, seq: int, queue: str, topic: str, payload: bytes, received_at: float, *,
                  order: int, priority: int, attempts: int, msg_id: str,
-                 attributes: dict[str, str]) -> StoredMessage:
+                 attributes: dict[str, str],
+                 stamp: Mapping[str, str] | None = None) -> StoredMessage:
         """A message that is not (or no longer) a log record: parked, or built to be."""
         msg = cls.__new__(cls)
         msg.seq, msg.topic, msg.payload = seq, topic, payload
         msg._frame, msg._index, msg._id, msg.until = None, 0, msg_id, 0.0
-        msg._ext = _Ext(order, received_at, queue, priority, attempts, attributes)
+        msg._ext = _Ext(order, received_at, queue, priority, attempts, attributes, stamp)
         return msg
 
     @property
@@ -157,18 +163,22 @@ class StoredMessage(QueueMessage):
 
     @property
     def attributes(self) -> dict[str, str]:
-        """Stored attributes plus the message id and the MQTT topic, built once."""
+        """Stored attributes plus the message id, the MQTT topic and the store's stamp (the
+        gateway id, which wins over a stored attribute of that name), built once."""
         ext = self._x
         attrs = ext.qattrs
         if attrs is None:
             frame = self._frame
             template = frame.template(self._index) if frame is not None else None
             if template is not None:
-                attrs = template.copy()
+                attrs = template.copy()  # the frame put the stamp in the shared template
             else:
                 attrs = dict(self.stored_attributes)
                 if self.topic:
                     attrs.setdefault(ATTR_MQTT_TOPIC, self.topic)
+                stamp = frame.stamp if frame is not None else ext.stamp
+                if stamp:
+                    attrs.update(stamp)
             attrs.setdefault(ATTR_MESSAGE_ID, self.id)
             ext.qattrs = attrs
         return attrs

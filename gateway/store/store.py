@@ -31,7 +31,7 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import IO, TypeVar
 
 from gateway.aio import wait_event
@@ -56,11 +56,15 @@ _Pending = tuple[str, Sequence[NewMessage], "asyncio.Future[list[AppendOutcome]]
 
 
 class Store:
-    def __init__(self, path: str, cfg: StoreConfig, *, exclusive: bool = True) -> None:
+    def __init__(self, path: str, cfg: StoreConfig, *, exclusive: bool = True,
+                 stamp: Mapping[str, str] | None = None) -> None:
+        """``stamp``: attributes added to every message handed out, never stored (the
+        gateway id); they win over a stored attribute of the same name."""
         self.path = path
         self.cfg = cfg
         self.exclusive = exclusive
         self._db = StoreDb(path, Limits.from_config(cfg))
+        self._db.stamp.update(stamp or {})
         self._executor: Lane | None = None
         self._lock_file: IO[bytes] | None = None
         self._pending: list[_Pending] = []

@@ -11,7 +11,8 @@ Attributes. SQS carries at most 10 message attributes, with names of ASCII lette
 digits, ``_ - .`` (no leading/trailing or double ``.``, not starting with ``AWS.`` or
 ``Amazon.``) and non-empty values. The gateway's own come first: ``openhqm_message_id``,
 then ``openhqm_body_encoding`` and the dead-letter attributes when present. The message's
-attributes follow in order (``mqtt_topic`` first); each one that fits the rules and a
+attributes follow in order (``mqtt_topic`` and ``openhqm_gateway_id`` first, so
+they stay native attributes); each one that fits the rules and a
 free slot is a native String attribute. When some do not fit (more than 10 in all, an
 invalid name, an empty value), those are packed as one JSON object (ASCII-escaped) into
 the attribute ``openhqm_attributes``, which takes the last slot. ``decode`` unpacks it,
@@ -34,6 +35,7 @@ from typing import Any
 
 from gateway.message import (
     ATTR_CONTENT_TYPE,
+    ATTR_GATEWAY_ID,
     ATTR_MESSAGE_ID,
     ATTR_MQTT_QOS,
     ATTR_MQTT_RETAIN,
@@ -51,7 +53,7 @@ ATTR_DLQ_FAILED_AT = "openhqm_dlq_failed_at"
 MAX_ATTRIBUTES = 10
 EMPTY_BODY = "-"
 _STRING = "String"
-_FIRST = (ATTR_MQTT_TOPIC, ATTR_MQTT_QOS, ATTR_MQTT_RETAIN, ATTR_CONTENT_TYPE)
+_FIRST = (ATTR_MQTT_TOPIC, ATTR_GATEWAY_ID, ATTR_MQTT_QOS, ATTR_MQTT_RETAIN, ATTR_CONTENT_TYPE)
 #: transport attributes that decode() consumes
 _TRANSPORT = frozenset({ATTR_MESSAGE_ID, ATTR_BODY_ENCODING, ATTR_PACKED})
 
