@@ -242,11 +242,21 @@ async def test_broker_restart_mid_stream_loses_nothing(
     topic = unique("restart")
 
     go = asyncio.Event()
+    appended = 0
+    committed: set[bytes] = set()
 
     async def slow_sink(msgs: list[NewMessage]) -> list[AppendOutcome]:
+        nonlocal appended
         await go.wait()
         await asyncio.sleep(0.02)  # keep a backlog at the broker while it goes away
-        return await store.append("default", msgs)
+        outcomes = await store.append("default", msgs)
+        committed.update(m.payload for m in msgs)
+        appended, before = appended + len(msgs), appended
+        if before < 100 <= appended:  # once
+            # nothing more is acknowledged until the broker is gone: decided here, not by the
+            # test's poll, which a loaded machine can delay until everything went through
+            go.clear()
+        return outcomes
 
     ingress = MqttIngress(ingress_config(mosquitto.port, topic, receive_maximum=20),
                           "gw-restart", slow_sink)
@@ -257,15 +267,14 @@ async def test_broker_restart_mid_stream_loses_nothing(
         pub.close()
         go.set()
         await eventually(lambda: ingress.acked >= 100)
-        go.clear()  # nothing more is acknowledged until the broker is gone (a slow stop
-        await asyncio.to_thread(mosquitto.stop)  # under load must not let the rest through)
+        await asyncio.to_thread(mosquitto.stop)
         assert ingress.acked < 1000
         go.set()  # the appends held meanwhile finish with no broker to acknowledge to
         await eventually(lambda: not ingress.connected)
         await asyncio.to_thread(mosquitto.start)
         await eventually(lambda: ingress.connected)
-        await eventually(lambda: store.message_count >= 1000)
-        await eventually(lambda: ingress.received == ingress.acked)
+        # what was received but not acknowledged before the broker went away comes again
+        await eventually(lambda: len(committed) == len(expected))
     msgs = await stored(store)
     payloads = [m.payload for m in msgs]
     assert set(payloads) == set(expected)  # at-least-once: redeliveries may repeat some
