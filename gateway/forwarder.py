@@ -93,6 +93,8 @@ class Forwarder:
         self.queue = queue
         #: a forwarder that replaces another (a reload) carries its counters on
         self.stats = stats if stats is not None else ForwarderStats()
+        #: replacing one that was down, it probes first and tells the store when online
+        was_down = self.stats.state in ("backing_off", "defective")
         self.stats.state, self.stats.defect = "connecting", ""
         #: how logs name the uplink: its type alone for the single uplink, else both
         self.label = (uplink.backend_name if queue == UPLINK_QUEUE
@@ -104,7 +106,7 @@ class Forwarder:
         self._ever_connected = False
         #: after an outage the next batch is one message: a dead link is not handed a whole
         #: batch per backoff round
-        self._probe = False
+        self._probe = was_down
         self._ahead: asyncio.Task[_Batch] | None = None
         self._settling: asyncio.Future[None] | None = None
         #: the deadline of the uplink call in progress (stop() brings it forward)

@@ -235,8 +235,8 @@ class Gateway:
             self.forwarders[name].configure(u.forwarder)
         await asyncio.gather(*(self._replace_uplink(name, backend, plan.config)
                                for name, backend in backends.items()))
-        live = ", ".join(plan.live) if plan.live else "nothing changed that applies live"
-        log.info("config reloaded from %s: %s", plan.config.source, live)
+        live = ", ".join(plan.live) if plan.live else "nothing that applies live changed"
+        log.info("config reloaded from %s; applied: %s", plan.config.source, live)
 
     async def _replace_uplink(self, name: str, backend: MessageQueueInterface,
                               config: Config) -> None:
