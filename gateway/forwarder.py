@@ -122,7 +122,8 @@ class Forwarder:
     def _adopt(self) -> None:
         if self._next_cfg is not None:
             self.cfg, self._next_cfg = self._next_cfg, None
-            log.info("forwarder settings reloaded", extra={"uplink": self.label})
+            log.info("uplink %s: forwarder settings reloaded", self.label,
+                     extra={"uplink": self.label})
 
     def stop(self) -> None:
         """Finish the batch in flight (a call to the uplink gets STOP_GRACE seconds more),

@@ -213,9 +213,11 @@ class Gateway:
             plan = plan_reload(self.config, new)
             backends = {name: create_backend(plan.config.uplink_view(u))
                         for name, u in plan.rebuild.items()}
-        except (ConfigError, BackendNotInstalled, NotSupportedError) as exc:
+        except Exception as exc:  # whatever it is, a reload never stops the daemon
+            known = isinstance(exc, ConfigError | BackendNotInstalled | NotSupportedError)
+            text = str(exc) if known else f"{type(exc).__name__}: {exc}"
             self.reload_failures += 1
-            self.reload_error = "; ".join(line.strip() for line in str(exc).splitlines())
+            self.reload_error = "; ".join(line.strip() for line in text.splitlines())
             log.error("config reload refused, still running the last good config: %s",
                       self.reload_error)
             return False

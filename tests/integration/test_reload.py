@@ -220,3 +220,39 @@ def test_log_level_follows_the_file(tmp_path: Path, mosquitto: ServerProcess,
                "delivered once the uplink is back")
     assert gw.stop() == 0
     pub.close()
+
+
+def test_several_uplinks_one_rebuilt_one_retuned(tmp_path: Path, mosquitto: ServerProcess,
+                                                 redis: ServerProcess, root: str) -> None:
+    """Uplink b's stream name changes (its backend and forwarder-b are replaced), uplink a's
+    batch size changes (taken between batches); both keep delivering every message."""
+    url = f"redis://127.0.0.1:{redis.port}/0"
+    uplinks = {"a": {"type": "redis", "redis_url": url, "request_queue_name": f"{root}-a"},
+               "b": {"type": "redis", "redis_url": url, "request_queue_name": f"{root}-b1"}}
+    gw = GatewayProcess(gateway_config(tmp_path, mosquitto.port, root, None, uplinks=uplinks),
+                        tmp_path)
+    gw.start()
+    pub = Publisher(mosquitto.port)
+    with steady(pub, f"{root}/dev1") as sent:
+        wait_until(lambda: len(read_bodies(redis.port, f"{root}-b1")) > 50, 20, "flowing")
+
+        def change(c: dict[str, Any]) -> None:
+            c["uplinks"]["b"]["request_queue_name"] = f"{root}-b2"
+            c["uplinks"]["a"]["forwarder"] = {"batch_size": 7}
+        rewrite(gw.config, change)
+        reload(gw, "config reloaded", 1)
+        wait_until(lambda: len(read_bodies(redis.port, f"{root}-b2")) > 50, 20, "b2 flowing")
+    pub.wait_all_acked(len(sent))
+    acked = set(pub.acked)
+    wait_until(lambda: read_bodies(redis.port, f"{root}-a") >= acked, 60, "every message in a")
+    wait_until(lambda: read_bodies(redis.port, f"{root}-b1") | read_bodies(
+        redis.port, f"{root}-b2") >= acked, 60, "every message in b1 or b2")
+    reloaded = next(line for line in gw.log().splitlines() if "config reloaded" in line)
+    assert "uplinks.a.forwarder.batch_size" in reloaded
+    assert "uplinks.b.request_queue_name" in reloaded
+    assert "forwarder settings reloaded" in gw.log()
+    status = gw.status()["uplinks"]
+    assert status["a"]["dropped"] == {} and status["b"]["dropped"] == {}
+    assert metric(gw, "config_reloads_total") == 1
+    assert gw.stop() == 0
+    pub.close()
