@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from gateway.config import Config, parse_config
+from gateway.config import Config, ObservabilityConfig, parse_config
+from gateway.observability.http import Snapshot, readiness, readiness_notes, render_metrics
 from gateway.reload import plan_reload
 
 
@@ -96,3 +97,22 @@ def test_a_later_reload_names_the_waiting_keys_again() -> None:
     new = single(store={"path": "/elsewhere/store.db"})
     first = plan_reload(single(), new)
     assert plan_reload(first.config, new).restart == ["store.path"]
+
+
+def test_a_refused_reload_is_a_metric_and_a_readiness_note_not_a_failure() -> None:
+    def snap(error: str) -> Snapshot:
+        return Snapshot(taken_at=0, started_at=0, ingress_connected=True, store_ok=True,
+                        store_messages=0, store_bytes=0, store_file_bytes=0, commits=0,
+                        commit_seconds_total=0.0, uplinks=[],
+                        counters={"config_reloads": 2, "config_reload_failures": 1},
+                        config_reload_error=error)
+
+    refused = snap("forwarder.batch_size='lots': expected an integer")
+    text = render_metrics(refused)
+    assert "openhqm_gateway_config_reloads_total 2" in text
+    assert "openhqm_gateway_config_reload_failures_total 1" in text
+    assert "openhqm_gateway_config_last_reload_success 0" in text
+    assert readiness(refused, ObservabilityConfig()) == []
+    assert "forwarder.batch_size" in readiness_notes(refused)[0]
+    assert "openhqm_gateway_config_last_reload_success 1" in render_metrics(snap(""))
+    assert readiness_notes(snap("")) == []
