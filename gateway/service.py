@@ -200,7 +200,12 @@ class Gateway:
         while True:
             await self._reload_requested.wait()
             self._reload_requested.clear()
-            await self.reload()
+            try:
+                await self.reload()
+            except Exception as exc:  # applying went wrong: logged, the daemon runs on
+                self.reload_failures += 1
+                self.reload_error = f"applying it failed: {type(exc).__name__}: {exc}"
+                log.exception("config reload: %s", self.reload_error)
 
     async def reload(self) -> bool:
         """Read the config again and apply what can change live (module docstring).
