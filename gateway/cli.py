@@ -122,7 +122,7 @@ def _dispatch(args: argparse.Namespace, config: Config) -> int:
         print(yaml.safe_dump(effective_config(config), sort_keys=False), end="")
         return 0
     if args.command == "run":
-        return _run(config)
+        return _run(config, _config_path(args.config))
     if args.command == "status":
         return _status(config, as_json=args.json, only=args.uplink)
     return _dlq(args, config)
@@ -147,13 +147,14 @@ def _check_uplink(config: Config) -> None:
     raise_config_errors(problems)
 
 
-def _run(config: Config) -> int:
+def _run(config: Config, path: str | None) -> int:
     from gateway.observability.logs import setup_logging
     from gateway.service import run_gateway
 
     _check_state_dir(config)
     setup_logging(config.logging)
-    asyncio.run(run_gateway(config))
+    # SIGHUP reads the same file, environment and credentials again
+    asyncio.run(run_gateway(config, loader=lambda: load_config(path)))
     return 0
 
 

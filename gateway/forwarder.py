@@ -20,6 +20,9 @@ Promises:
 - Stopping honours the promise in any uplink state: a connect or publish still running
   ``STOP_GRACE`` seconds after ``stop()`` is cancelled and its batch released to the store,
   so a dead server never holds the daemon up for its client's timeouts.
+- New settings (a reload, gateway/reload.py) are taken between batches: ``configure()``
+  stores them, the run loop adopts them before it leases the next batch; a batch in flight
+  finishes under the settings it was leased with.
 - What the operator reads about the uplink (one line per change of state, defects of the
   uplink's code told apart from outages) is gateway/linkstate.py.
 """
@@ -35,7 +38,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from gateway.aio import Interrupted, wait_event
-from gateway.config import Config
+from gateway.config import Config, ForwarderConfig
 from gateway.errors import ConfigError, QueueError, RetryableError, StoreError, UplinkUnavailable
 from gateway.linkstate import CONNECT_NOTICE, UplinkState, is_programming_error
 from gateway.message import QueueMessage
@@ -80,13 +83,19 @@ class Forwarder:
     the store (the single ``queue:`` section's uplink is ``default``)."""
 
     def __init__(self, store: Store, uplink: MessageQueueInterface, config: Config,
-                 queue: str = UPLINK_QUEUE) -> None:
+                 queue: str = UPLINK_QUEUE, stats: ForwarderStats | None = None) -> None:
         self.store = store
         self.uplink = uplink
         self.cfg = config.forwarder
+        #: settings given by configure(), adopted before the next batch
+        self._next_cfg: ForwarderConfig | None = None
         self.default_destination = config.queue.request_queue_name
         self.queue = queue
-        self.stats = ForwarderStats()
+        #: a forwarder that replaces another (a reload) carries its counters on
+        self.stats = stats if stats is not None else ForwarderStats()
+        #: replacing one that was down, it probes first and tells the store when online
+        was_down = self.stats.state in ("backing_off", "defective")
+        self.stats.state, self.stats.defect = "connecting", ""
         #: how logs name the uplink: its type alone for the single uplink, else both
         self.label = (uplink.backend_name if queue == UPLINK_QUEUE
                       else f"{queue} ({uplink.backend_name})")
@@ -97,13 +106,24 @@ class Forwarder:
         self._ever_connected = False
         #: after an outage the next batch is one message: a dead link is not handed a whole
         #: batch per backoff round
-        self._probe = False
+        self._probe = was_down
         self._ahead: asyncio.Task[_Batch] | None = None
         self._settling: asyncio.Future[None] | None = None
         #: the deadline of the uplink call in progress (stop() brings it forward)
         self._bound: asyncio.Timeout | None = None
         #: the last batch reached a lease limit: more may be ready behind it
         self._more = False
+
+    def configure(self, cfg: ForwarderConfig) -> None:
+        """New settings, taken before the next batch (the one in flight keeps its own)."""
+        self._next_cfg = cfg
+        self.store.wake(self.queue)  # an idle forwarder adopts them now
+
+    def _adopt(self) -> None:
+        if self._next_cfg is not None:
+            self.cfg, self._next_cfg = self._next_cfg, None
+            log.info("uplink %s: forwarder settings reloaded", self.label,
+                     extra={"uplink": self.label})
 
     def stop(self) -> None:
         """Finish the batch in flight (a call to the uplink gets STOP_GRACE seconds more),
@@ -120,6 +140,7 @@ class Forwarder:
     async def run(self) -> None:
         try:
             while not self._stopping.is_set():
+                self._adopt()
                 if not self._connected and not await self._connect():
                     await self._backoff()
                     continue

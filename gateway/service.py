@@ -6,7 +6,18 @@ uplinks ``forwarder-NAME``, one each, each with its own cursor, so none waits fo
 several uplinks ``downlink-NAME``), ``retention``
 (max_age expiry and space reclaim on a timer), ``ready`` (sd_notify READY=1 once
 subscribed), ``http`` (metrics, health, status page), ``watchdog`` (systemd pings, when
-WatchdogSec= is set).
+WatchdogSec= is set), ``reload`` (SIGHUP: gateway/reload.py).
+
+Reload promise (SIGHUP, ``systemctl reload``): the config is read again by the loader the
+daemon started with (file + OPENHQM_ environment + credentials). An invalid one is refused
+as a whole: nothing of it applies, the last good config keeps running, the ERROR line names
+the problem, ``config_reload_failures_total`` counts it and /readyz reports it (without
+failing: the gateway runs fine) until a reload succeeds. A valid one is applied as
+gateway/reload.py plans it; an uplink whose backend settings changed gets a new backend and
+a new forwarder task of the same name on the same store cursor, after the old forwarder
+stopped as at shutdown (its batch in flight finished or released to the store, so nothing
+acknowledged is lost and nothing is settled twice) and the old backend was closed. The
+ingress keeps storing throughout. Reloads run one at a time, in the ``reload`` task.
 
 Shutdown promise: on SIGTERM/SIGINT the ingress stops reading, commits and acknowledges what
 it already received, and disconnects; the forwarder finishes its batch in flight, or, when
@@ -26,17 +37,20 @@ import os
 import signal
 import sqlite3
 import time
+from collections.abc import Callable
 
 from gateway.config import Config, UplinkConfig
 from gateway.downlink.downlink import Downlink
-from gateway.errors import StoreError
+from gateway.errors import BackendNotInstalled, ConfigError, NotSupportedError, StoreError
 from gateway.forwarder import UPLINK_QUEUE, Forwarder
 from gateway.ingress import MqttIngress
 from gateway.message import ATTR_GATEWAY_ID
 from gateway.observability.http import ObservabilityServer, Snapshot, UplinkSnapshot
+from gateway.observability.logs import set_level
 from gateway.observability.systemd import sd_notify, watchdog_interval
 from gateway.queue.interface import MessageQueueInterface
 from gateway.queue.registry import create_backend
+from gateway.reload import ReloadPlan, plan_reload
 from gateway.store.db import Destination
 from gateway.store.records import AppendOutcome, NewMessage, QueueStats
 from gateway.store.store import Store
@@ -48,11 +62,18 @@ STOP_TIMEOUT = 15.0
 DISCONNECT_TIMEOUT = 3.0
 
 
-class Gateway:
-    """``uplink`` replaces the (first) configured uplink's backend (tests)."""
+#: reads the config again for a reload (load_config with the daemon's path)
+ConfigLoader = Callable[[], Config]
 
-    def __init__(self, config: Config, uplink: MessageQueueInterface | None = None) -> None:
+
+class Gateway:
+    """``uplink`` replaces the (first) configured uplink's backend (tests); ``loader`` reads
+    the config again on SIGHUP (None: a reload is refused)."""
+
+    def __init__(self, config: Config, uplink: MessageQueueInterface | None = None,
+                 loader: ConfigLoader | None = None) -> None:
         self.config = config
+        self.loader = loader
         self.store = Store(config.store_path, config.store,
                            stamp={ATTR_GATEWAY_ID: config.gateway_id})
         self.uplinks: dict[str, MessageQueueInterface] = {}
@@ -68,6 +89,12 @@ class Gateway:
         self.downlinks = {u.name: Downlink(config.uplink_view(u), name=u.name)
                           for u in config.uplinks if u.queue.downlink.enabled}
         self._stop = asyncio.Event()
+        self._reload_requested = asyncio.Event()
+        self.reloads = self.reload_failures = 0
+        #: why the last reload was refused; '' after a good one
+        self.reload_error = ""
+        self._tg: asyncio.TaskGroup | None = None
+        self._forwarder_tasks: dict[str, asyncio.Task[None]] = {}
         self._signals = 0
         self._started_at = time.time()
         self.http = (ObservabilityServer(config.observability, self.snapshot)
@@ -92,8 +119,11 @@ class Gateway:
             uplinks=[self._uplink_snapshot(u, stats.get(u.name)) for u in self.config.uplinks],
             counters={"ingress_received": ing.received, "ingress_acked": ing.acked,
                       "ingress_dead_lettered": ing.dead_lettered, "ingress_dropped": ing.dropped,
-                      "ingress_duplicates": ing.duplicates, "ingress_excluded": ing.excluded},
-            downlinks=tuple(d.snapshot() for d in self.downlinks.values()))
+                      "ingress_duplicates": ing.duplicates, "ingress_excluded": ing.excluded,
+                      "config_reloads": self.reloads,
+                      "config_reload_failures": self.reload_failures},
+            downlinks=tuple(d.snapshot() for d in self.downlinks.values()),
+            config_reload_error=self.reload_error)
 
     def _uplink_snapshot(self, u: UplinkConfig, stats: QueueStats | None) -> UplinkSnapshot:
         fwd = self.forwarders[u.name].stats
@@ -130,17 +160,18 @@ class Gateway:
                  self.store.message_count)
         try:
             async with asyncio.TaskGroup() as tg:
+                self._tg = tg
                 ingress = tg.create_task(self.ingress.run(), name="ingress")
                 several = len(self.forwarders) > 1
-                forwarders = [tg.create_task(f.run(), name=f"forwarder-{name}" if several
-                                             else "forwarder")
-                              for name, f in self.forwarders.items()]
-                stoppable = [ingress, *forwarders]
+                for name in self.forwarders:
+                    self._start_forwarder(name)
+                stoppable = [ingress]
                 stoppable += [tg.create_task(d.run(), name=f"downlink-{name}" if several
                                              else "downlink")
                               for name, d in self.downlinks.items()]
                 helpers = [tg.create_task(self._retention(), name="retention"),
-                           tg.create_task(self._announce_ready(), name="ready")]
+                           tg.create_task(self._announce_ready(), name="ready"),
+                           tg.create_task(self._reloader(), name="reload")]
                 if self.http is not None:
                     helpers.append(tg.create_task(self.http.run(), name="http"))
                 watchdog = watchdog_interval()
@@ -151,12 +182,94 @@ class Gateway:
                 log.info("stopping: finishing in-flight work")
                 for task in helpers:
                     task.cancel()
-                await self._drain_and_stop(*stoppable)
+                await self._drain_and_stop(*stoppable, *self._forwarder_tasks.values())
         finally:
             await asyncio.gather(*(self._disconnect(name, backend)
                                    for name, backend in self.uplinks.items()))
             await self.store.close()
             log.info("stopped")
+
+    def _start_forwarder(self, name: str) -> None:
+        assert self._tg is not None
+        several = len(self.forwarders) > 1
+        self._forwarder_tasks[name] = self._tg.create_task(
+            self.forwarders[name].run(), name=f"forwarder-{name}" if several else "forwarder")
+
+    def request_reload(self) -> None:
+        self._reload_requested.set()
+
+    async def _reloader(self) -> None:
+        while True:
+            await self._reload_requested.wait()
+            self._reload_requested.clear()
+            try:
+                await self.reload()
+            except Exception as exc:  # applying went wrong: logged, the daemon runs on
+                self.reload_failures += 1
+                self.reload_error = f"applying it failed: {type(exc).__name__}: {exc}"
+                log.exception("config reload: %s", self.reload_error)
+
+    async def reload(self) -> bool:
+        """Read the config again and apply what can change live (module docstring).
+        Returns whether the new config was accepted."""
+        try:
+            if self.loader is None:
+                raise ConfigError("--config", None, "this gateway was started without a "
+                                  "config loader; restart it to change its config")
+            new = await asyncio.to_thread(self.loader)
+            plan = plan_reload(self.config, new)
+            backends = {name: create_backend(plan.config.uplink_view(u))
+                        for name, u in plan.rebuild.items()}
+        except Exception as exc:  # whatever it is, a reload never stops the daemon
+            known = isinstance(exc, ConfigError | BackendNotInstalled | NotSupportedError)
+            text = str(exc) if known else f"{type(exc).__name__}: {exc}"
+            self.reload_failures += 1
+            self.reload_error = "; ".join(line.strip() for line in text.splitlines())
+            log.error("config reload refused, still running the last good config: %s",
+                      self.reload_error)
+            return False
+        self.config = plan.config
+        self.reloads += 1
+        self.reload_error = ""
+        await self._apply(plan, backends)
+        return True
+
+    async def _apply(self, plan: ReloadPlan, backends: dict[str, MessageQueueInterface]) -> None:
+        if plan.restart:
+            log.warning("config reload: these changes need a restart and are not applied: "
+                        "%s", ", ".join(plan.restart))
+        if plan.log_level is not None:
+            set_level(plan.log_level)
+        for name, u in plan.forwarders.items():
+            self.forwarders[name].configure(u.forwarder)
+        await asyncio.gather(*(self._replace_uplink(name, backend, plan.config)
+                               for name, backend in backends.items()))
+        live = ", ".join(plan.live) if plan.live else "nothing that applies live changed"
+        log.info("config reloaded from %s; applied: %s", plan.config.source, live)
+
+    async def _replace_uplink(self, name: str, backend: MessageQueueInterface,
+                              config: Config) -> None:
+        """Stop the uplink's forwarder as at shutdown, close its backend, start a new
+        forwarder with the new backend on the same cursor."""
+        old, task = self.forwarders[name], self._forwarder_tasks.get(name)
+        old.stop()
+        if task is not None:
+            _, pending = await asyncio.wait({task}, timeout=STOP_TIMEOUT)
+            if pending:
+                log.warning("forwarder of uplink %s did not stop within %.0fs; cancelling it "
+                            "(its lease expires and is delivered again)", name, STOP_TIMEOUT)
+                task.cancel()
+        await self._disconnect(name, self.uplinks[name])
+        view = config.uplink_view(next(u for u in config.uplinks if u.name == name))
+        self.uplinks[name] = backend
+        self.forwarders[name] = Forwarder(self.store, backend, view, queue=name,
+                                          stats=old.stats)
+        first = config.uplinks[0].name
+        self.uplink, self.forwarder = self.uplinks[first], self.forwarders[first]
+        if not self._stop.is_set():
+            self._start_forwarder(name)
+        log.info("uplink %s: backend rebuilt from the new settings (%s)", name,
+                 backend.target)
 
     async def _register_uplinks(self) -> None:
         """Each configured uplink is a cursor of the ingress queue; an uplink no longer
@@ -210,6 +323,11 @@ class Gateway:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
+        loop.add_signal_handler(signal.SIGHUP, self._on_reload_signal)
+
+    def _on_reload_signal(self) -> None:
+        log.info("received SIGHUP: reloading the config")
+        self.request_reload()
 
     def _on_signal(self, sig: int) -> None:
         self._signals += 1
@@ -220,7 +338,7 @@ class Gateway:
         self.request_stop()
 
 
-async def run_gateway(config: Config) -> None:
-    gateway = Gateway(config)
+async def run_gateway(config: Config, loader: ConfigLoader | None = None) -> None:
+    gateway = Gateway(config, loader=loader)
     gateway.install_signal_handlers()
     await gateway.run()

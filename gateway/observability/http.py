@@ -9,7 +9,8 @@ Routes (GET only, loopback by default — ``observability.listen``):
                 ``stuck_backlog_age`` and it acknowledged something within
                 ``stuck_no_ack``. 503 with the failing checks otherwise, each naming its
                 uplink. "Connected" alone is not "ready": a link that accepts nothing is
-                reported.
+                reported. A refused config reload is a note after the verdict, not a
+                failure: the last good config runs on (gateway/service.py).
 - ``/``         a status page for a technician on site: a card per uplink (state, backlog
                 and its age), the broker, message rates over the last minutes. Its script
                 keeps it current from
@@ -86,6 +87,8 @@ class Snapshot:
 
     #: one per uplink with ``downlink.enabled``
     downlinks: tuple[DownlinkStats, ...] = ()
+    #: why the last config reload (SIGHUP) was refused; '' when it succeeded or none was made
+    config_reload_error: str = ""
 
     def total(self, counter: str) -> int:
         """An uplink counter summed over the uplinks."""
@@ -108,6 +111,14 @@ def readiness(s: Snapshot, cfg: ObservabilityConfig) -> list[str]:
         if dl.state == "failed":
             failures.append(f"downlink of uplink {dl.uplink} failed: {dl.last_error}")
     return failures
+
+
+def readiness_notes(s: Snapshot) -> list[str]:
+    """What /readyz reports without failing: the gateway runs, but an operator should know."""
+    if s.config_reload_error:
+        return [f"config reload refused, the last good config still runs: "
+                f"{s.config_reload_error}"]
+    return []
 
 
 def _uplink_failures(s: Snapshot, u: UplinkSnapshot, cfg: ObservabilityConfig) -> list[str]:
@@ -138,6 +149,8 @@ _HELP = {
     "retried": "message deliveries scheduled for a retry",
     "dead_lettered": "messages dead-lettered by the forwarder",
     "batches": "batches sent to the uplink",
+    "config_reloads": "config reloads (SIGHUP) accepted",
+    "config_reload_failures": "config reloads (SIGHUP) refused: the last good config runs on",
 }
 
 
@@ -192,6 +205,8 @@ def render_metrics(s: Snapshot) -> str:
            round(s.commit_seconds_total, 6))
     metric("ingress_connected", "gauge", "1 when connected to the broker",
            int(s.ingress_connected))
+    metric("config_last_reload_success", "gauge", "0 while the last config reload was "
+           "refused, else 1", int(not s.config_reload_error))
     if s.downlinks:
         out.extend(render_downlink_metrics(s.downlinks))
     return "\n".join(out) + "\n"
@@ -599,11 +614,13 @@ class ObservabilityServer:
                 text += "\n".join(self.auth.metric_lines()) + "\n"
             return Response(200, "text/plain; version=0.0.4", text.encode())
         if path == "/readyz":
-            body = ("ready\n" if not failures else "\n".join(failures) + "\n").encode()
+            lines = (failures or ["ready"]) + readiness_notes(snap)
+            body = ("\n".join(lines) + "\n").encode()
             return Response(200 if not failures else 503, "text/plain", body)
         if path == "/status.json":
             return Response(200, "application/json", orjson.dumps(
-                {"ready": not failures, "failures": failures, "rates": self.rates,
+                {"ready": not failures, "failures": failures,
+                 "notes": readiness_notes(snap), "rates": self.rates,
                  "snapshot": snap}))
         return Response(200, "text/html; charset=utf-8",
                         render_page(snap, failures, self.rates).encode())

@@ -83,3 +83,14 @@ def setup_logging(cfg: LoggingConfig) -> logging.Handler:
     root.handlers[:] = [handler]
     root.setLevel(cfg.level)
     return handler
+
+
+def set_level(level: str) -> None:
+    """Change the level at run time (a reload): the root logger's and what the installed
+    handlers' LibraryDetail filters show."""
+    root = logging.getLogger()
+    root.setLevel(level)
+    for handler in root.handlers:
+        for flt in handler.filters:
+            if isinstance(flt, LibraryDetail):
+                flt.show = level == "DEBUG"

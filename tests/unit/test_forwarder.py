@@ -184,3 +184,34 @@ async def test_stop_returns_while_idle(tmp_path: Path) -> None:
     fwd.stop()
     await asyncio.wait_for(task, 2)
     await store.close()
+
+
+async def test_new_settings_are_taken_between_batches(tmp_path: Path) -> None:
+    """configure() (a reload) changes the batch size and routes from the next batch on."""
+    store = await filled_store(tmp_path / "s.db", [("s/1", b"%d" % i) for i in range(30)])
+    uplink = StubUplink()
+    fwd = Forwarder(store, uplink, make_config(batch_size=10))
+    assert await fwd.drain_once() == 10
+    await fwd.flush()  # a full batch leased the next one ahead: given back
+    fwd.configure(dataclasses.replace(fwd.cfg, batch_size=4, routes=[Route("s/#", "moved")]))
+    assert fwd.cfg.batch_size == 10  # not before the next batch
+    task = asyncio.create_task(fwd.run())
+    await published(uplink, 30)
+    fwd.stop()
+    await task
+    assert fwd.cfg.batch_size == 4
+    assert uplink.bodies() == [b"%d" % i for i in range(30)]
+    assert {q for q, _ in uplink.published[10:]} == {"moved"}
+    assert fwd.stats.delivered == 30
+    await store.close()
+
+
+async def test_a_replacement_carries_the_counters_on(tmp_path: Path) -> None:
+    store = await filled_store(tmp_path / "s.db", [("s/1", b"%d" % i) for i in range(5)])
+    first = Forwarder(store, StubUplink(), make_config())
+    assert await first.drain_once() == 5
+    first.stats.state = "backing_off"
+    second = Forwarder(store, StubUplink(), make_config(), stats=first.stats)
+    assert second.stats.delivered == 5 and second.stats.state == "connecting"
+    assert second._probe  # the link was down: the new one probes with one message first
+    await store.close()

@@ -32,7 +32,8 @@ def test_unit_verifies(tmp_path: Path) -> None:
     assert done.returncode == 0 and not problems, done.stdout + done.stderr
     for key in ("Type=notify", "WatchdogSec=", "Restart=on-failure", "StateDirectory=",
                 "ConfigurationDirectory=", "ProtectSystem=strict", "NoNewPrivileges=yes",
-                "PrivateTmp=yes", "LoadCredential=", "User=openhqm-gateway"):
+                "PrivateTmp=yes", "LoadCredential=", "User=openhqm-gateway",
+                "ExecReload=/bin/kill -HUP $MAINPID"):
         assert key in text
 
 
