@@ -142,6 +142,17 @@ async def test_failures_from_one_address_are_throttled(tmp_path: Path, serve: Se
                                   "throttled": 2}
 
 
+def https_get(url: str, context: ssl.SSLContext, token: str | None) -> tuple[int, str]:
+    """Status and body of a GET with urllib (a real HTTP client), the token as Bearer."""
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(req, timeout=5, context=context) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return exc.code, exc.read().decode()
+
+
 async def test_tls_with_a_real_client(tmp_path: Path, serve: Serve) -> None:
     cert, key = make_cert(tmp_path)
     server = await serve(config(tmp_path, f"  tls_cert_file: {cert}\n  tls_key_file: {key}\n"))
@@ -149,14 +160,7 @@ async def test_tls_with_a_real_client(tmp_path: Path, serve: Serve) -> None:
     trusting = ssl.create_default_context(cafile=str(cert))  # verifies chain and 127.0.0.1
 
     def urlopen(path: str, token: str | None) -> tuple[int, str]:
-        req = urllib.request.Request(f"https://127.0.0.1:{port}{path}",
-                                     headers={"Authorization": f"Bearer {token}"} if token else {})
-        try:
-            with urllib.request.urlopen(req, timeout=5, context=trusting) as resp:
-                return resp.status, resp.read().decode()
-        except urllib.error.HTTPError as exc:
-            with exc:
-                return exc.code, exc.read().decode()
+        return https_get(f"https://127.0.0.1:{port}{path}", trusting, token)
 
     assert await asyncio.to_thread(urlopen, "/healthz", None) == (200, "ok\n")
     assert (await asyncio.to_thread(urlopen, "/metrics", None))[0] == 401
@@ -189,14 +193,7 @@ def test_daemon_over_https_with_a_token(tmp_path: Path, mosquitto: ServerProcess
     trusting = ssl.create_default_context(cafile=str(cert))
 
     def fetch(path: str, token: str | None = None) -> tuple[int, str]:
-        req = urllib.request.Request(base + path, headers={"Authorization": f"Bearer {token}"}
-                                     if token else {})
-        try:
-            with urllib.request.urlopen(req, timeout=5, context=trusting) as resp:
-                return resp.status, resp.read().decode()
-        except urllib.error.HTTPError as exc:
-            with exc:
-                return exc.code, exc.read().decode()
+        return https_get(base + path, trusting, token)
 
     assert fetch("/healthz") == (200, "ok\n")
     assert fetch("/metrics")[0] == 401
