@@ -706,6 +706,7 @@ def effective_config(cfg: Config) -> dict[str, Any]:
     file: the ``queue:`` section for the single uplink ``default``, else ``uplinks:``."""
     plain: dict[str, Any] = to_plain(cfg, mask=True)
     plain.pop("source", None)
+    plain["gateway"]["id"] = cfg.gateway_id  # resolved: the host name when left empty
     uplinks = plain.pop("uplinks")
     queue = plain.pop("queue")
     if len(cfg.uplinks) == 1 and cfg.uplinks[0].name == DEFAULT_UPLINK:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import GATEWAY_ID_MAX, StoreConfig, load_config
+from gateway.config import GATEWAY_ID_MAX, StoreConfig, effective_config, load_config
 from gateway.errors import ConfigError
 from gateway.ingress.mqtt import RESERVED_ATTRIBUTES
 from gateway.message import (
@@ -35,6 +35,7 @@ def test_the_default_is_the_host_name() -> None:
     cfg = load_config(None, {})
     assert cfg.gateway.id == ""
     assert cfg.gateway_id == socket.gethostname()
+    assert effective_config(cfg)["gateway"]["id"] == socket.gethostname()  # config check shows it
 
 
 def test_the_file_and_the_environment_set_it(tmp_path: Path) -> None:
