@@ -464,7 +464,9 @@ async def test_elasticmq_outage_mid_drain_loses_nothing(sqs_env: None, tmp_path:
             assert forwarder.stats.errors_by_kind.get("UplinkUnavailable", 0) >= 1
             seen: set[str] = set()
             numbers: dict[str, list[int]] = defaultdict(list)
-            for raw in await receive_raw(uplink, name, total, timeout=30, drain=True):
+            # read back at ElasticMQ's FIFO pace (a few messages of the free groups per
+            # receive): 900 messages took over 30 s with the other test worker busy
+            for raw in await receive_raw(uplink, name, total, timeout=120, drain=True):
                 mid = attribute(raw, ATTR_MESSAGE_ID) or ""
                 if mid not in seen:
                     seen.add(mid)
