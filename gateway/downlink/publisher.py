@@ -26,7 +26,6 @@ import asyncio
 import contextlib
 import logging
 import math
-import random
 import ssl
 import time
 from collections.abc import Callable
@@ -51,7 +50,7 @@ from gateway.ingress.codec import (
     encode_disconnect,
     encode_publish,
 )
-from gateway.ingress.mqtt import _ssl_context  # the ingress's TLS rules, shared on purpose
+from gateway.ingress.mqtt import _ssl_context, reconnect_delay  # the ingress's rules, shared on purpose
 
 log = logging.getLogger("gateway.downlink")
 
@@ -134,10 +133,7 @@ class _Connection:
         elif isinstance(packet, Connack) and not self.connack.done():
             self.connack.set_result(packet)
         elif isinstance(packet, Disconnect):
-            text = f"the broker sent DISCONNECT with reason 0x{packet.reason_code:02x}"
-            if packet.properties is not None and packet.properties.reason_string:
-                text += f" ({packet.properties.reason_string})"
-            self.close(text)
+            self.close(packet.describe())
         else:  # we never subscribe: nothing else may come
             self.close(f"unexpected packet from the broker: {type(packet).__name__}")
 
@@ -239,7 +235,7 @@ class LocalPublisher:
                 except (OSError, TimeoutError, ConnectionError, GatewayError) as exc:
                     failures += 1
                     self._note_down(str(exc) or type(exc).__name__)
-                    await wait_event(self._stop, self._backoff(failures))
+                    await wait_event(self._stop, reconnect_delay(self.cfg, failures))
                     continue
                 failures = 0
                 self._note_up()
@@ -253,7 +249,7 @@ class LocalPublisher:
                     await conn.disconnect()
                     break
                 self._note_down(conn.reason)
-                await wait_event(self._stop, self._backoff(1))
+                await wait_event(self._stop, reconnect_delay(self.cfg, 1))
         finally:
             self.connected.clear()
             if self._conn is not None:
@@ -271,10 +267,6 @@ class LocalPublisher:
         finally:
             closed.cancel()
             stopped.cancel()
-
-    def _backoff(self, failures: int) -> float:
-        low, high = self.cfg.reconnect_min_delay, self.cfg.reconnect_max_delay
-        return random.uniform(low, max(low, min(high, low * 2 ** min(failures, 30))))
 
     async def _connect(self, ssl_context: ssl.SSLContext | None) -> _Connection:
         cfg = self.cfg

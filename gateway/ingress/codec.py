@@ -423,6 +423,13 @@ class Disconnect:
     reason_code: int = 0
     properties: Properties | None = None
 
+    def describe(self) -> str:
+        """Why the broker closed the connection, as the logs say it."""
+        text = f"the broker sent DISCONNECT with reason 0x{self.reason_code:02x}"
+        if self.properties is not None and self.properties.reason_string:
+            text += f" ({self.properties.reason_string})"
+        return text
+
 
 Packet = Connack | Suback | Publish | Ack | Pingresp | Disconnect
 

@@ -317,10 +317,7 @@ class _Connection(asyncio.Protocol):
             if not self.suback.done():
                 self.suback.set_result(packet)
         elif isinstance(packet, Disconnect):
-            reason = f"the broker sent DISCONNECT with reason 0x{packet.reason_code:02x}"
-            if packet.properties is not None and packet.properties.reason_string:
-                reason += f" ({packet.properties.reason_string})"
-            self.abort(reason)
+            self.abort(packet.describe())
 
     # -- writing, keepalive, closing ----------------------------------------------------
 
@@ -460,7 +457,7 @@ class MqttIngress:
                     failures += 1
                 if self._stopping:
                     break
-                await wait_event(self._stop_event, self._backoff(failures))
+                await wait_event(self._stop_event, reconnect_delay(self.cfg, failures))
         finally:
             self.connected = False
             if self._conn is not None:
@@ -482,12 +479,6 @@ class MqttIngress:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-
-    def _backoff(self, failures: int) -> float:
-        """Full jitter between the min and an exponentially growing cap."""
-        low, high = self.cfg.reconnect_min_delay, self.cfg.reconnect_max_delay
-        cap = min(high, low * 2 ** min(failures, 30))
-        return random.uniform(low, max(low, cap))
 
     # -- connecting --------------------------------------------------------------------
 
@@ -588,6 +579,13 @@ class _ExcludeMatcher:
                 self._known.clear()
             known = self._known[topic] = any(topic_matches(f, topic) for f in self.filters)
         return known
+
+
+def reconnect_delay(cfg: IngressConfig, failures: int) -> float:
+    """Before the next attempt to reach the local broker: full jitter between the min and an
+    exponentially growing cap (the ingress and the downlink's publisher)."""
+    low, high = cfg.reconnect_min_delay, cfg.reconnect_max_delay
+    return random.uniform(low, max(low, min(high, low * 2 ** min(failures, 30))))
 
 
 def _ssl_context(tls: TlsConfig) -> ssl.SSLContext:
