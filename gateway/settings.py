@@ -61,22 +61,29 @@ def parse_dataclass(cls: type[T], data: object, key: str, source: str) -> T:
         data = {}
     if not isinstance(data, Mapping):
         raise ConfigError(key or "<root>", data, "expected a mapping of keys", source)
+    return cls(**parse_fields(cls, data, key, source))
+
+
+def parse_fields(cls: type, data: Mapping[Any, Any], key: str, source: str, *,
+                 unknown: str = "unknown key; known keys here") -> dict[str, Any]:
+    """The keys of ``data`` parsed as ``cls``'s fields of those names: every key is checked
+    (a file with two mistakes shows both); one not a field is ``unknown``, naming the known."""
     hints = get_type_hints(cls, include_extras=True)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
+    fields = {f.name for f in dataclasses.fields(cls) if f.init}
     values: dict[str, Any] = {}
-    errors: list[ConfigError] = []  # every key is checked: a file with two mistakes shows both
+    errors: list[ConfigError] = []
     for name, raw in data.items():
         sub = f"{key}.{name}" if key else str(name)
         if name not in fields:
-            known = ", ".join(sorted(fields))
-            errors.append(ConfigError(sub, raw, f"unknown key; known keys here: {known}", source))
+            errors.append(ConfigError(sub, raw, f"{unknown}: {', '.join(sorted(fields))}",
+                                      source))
             continue
         try:
             values[name] = parse_value(hints[name], raw, sub, source)
         except ConfigError as exc:
             errors.extend(exc.all)
     raise_config_errors(errors)
-    return cls(**values)
+    return values
 
 
 def parse_value(tp: Any, value: Any, key: str, source: str) -> Any:

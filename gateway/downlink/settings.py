@@ -16,11 +16,11 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Annotated, Any, get_type_hints
+from typing import Annotated, Any
 
 from gateway.downlink.topics import TopicTemplate, filter_covers
-from gateway.errors import ConfigError, raise_config_errors
-from gateway.settings import DURATION, parse_dataclass, parse_value
+from gateway.errors import ConfigError
+from gateway.settings import DURATION, parse_dataclass, parse_fields
 from gateway.topics import topic_matches
 from gateway.uplinks.mqtt.template import filters_overlap
 
@@ -65,21 +65,8 @@ def parse_downlink(raw: Any, key: str, source: str, settings_cls: type[Any] | No
     if settings_cls is None or not dataclasses.is_dataclass(settings_cls):
         raise ConfigError(f"{key}.overrides", dl.overrides,
                           "this uplink has no settings to override", source)
-    hints = get_type_hints(settings_cls, include_extras=True)
-    known = {f.name for f in dataclasses.fields(settings_cls)}
-    parsed: dict[str, Any] = {}
-    errors: list[ConfigError] = []
-    for name, value in dl.overrides.items():
-        sub = f"{key}.overrides.{name}"
-        if name not in known:
-            errors.append(ConfigError(sub, value, "not a key of this uplink; known keys: "
-                                      f"{', '.join(sorted(known))}", source))
-            continue
-        try:
-            parsed[name] = parse_value(hints[name], value, sub, source)
-        except ConfigError as exc:
-            errors.extend(exc.all)
-    raise_config_errors(errors)
+    parsed = parse_fields(settings_cls, dl.overrides, f"{key}.overrides", source,
+                          unknown="not a key of this uplink; known keys")
     return dataclasses.replace(dl, overrides=parsed)
 
 
