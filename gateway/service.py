@@ -83,8 +83,6 @@ class Gateway:
             backend = uplink if uplink is not None and not self.uplinks else create_backend(view)
             self.uplinks[u.name] = backend
             self.forwarders[u.name] = Forwarder(self.store, backend, view, queue=u.name)
-        first = config.uplinks[0].name
-        self.uplink, self.forwarder = self.uplinks[first], self.forwarders[first]
         self.ingress = MqttIngress(config.ingress, config.ingress_client_id, self._sink)
         self.downlinks = {u.name: Downlink(config.uplink_view(u), name=u.name)
                           for u in config.uplinks if u.queue.downlink.enabled}
@@ -264,8 +262,6 @@ class Gateway:
         self.uplinks[name] = backend
         self.forwarders[name] = Forwarder(self.store, backend, view, queue=name,
                                           stats=old.stats)
-        first = config.uplinks[0].name
-        self.uplink, self.forwarder = self.uplinks[first], self.forwarders[first]
         if not self._stop.is_set():
             self._start_forwarder(name)
         log.info("uplink %s: backend rebuilt from the new settings (%s)", name,
