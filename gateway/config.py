@@ -169,6 +169,9 @@ class ForwarderConfig:
     #: commit) or "uplinked_or_stored" (also when this uplink accepted it first, with no
     #: store write: docs/reliability.md); None = the backend's default (durable_acks)
     ack_when: Literal["stored", "uplinked_or_stored"] | None = None
+    #: with uplinked_or_stored: how long a message may wait for this uplink's acceptance
+    #: before it is stored; 0 = store.commit_interval_ms (when its commit would be due)
+    ack_wait: Annotated[float, DURATION] = 0.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -77,13 +77,13 @@ class Lane:
     #: the forwarder's "a batch is waiting": wakes its sleep
     wake: Callable[[], None] = lambda: None
     state: LaneState = LaneState.CLOSED
+    #: seconds a batch may wait for this uplink before it is stored (0 = Express.deadline)
+    wait: float = 0.0
     offers: deque[Offer] = field(default_factory=deque)
     #: ids of stored copies the uplink already accepted from memory
     preacked: set[str] = field(default_factory=set)
     #: stored-way appends routed here that have not committed yet
     pending_stores: int = 0
-    #: messages this uplink accepted from memory
-    express_accepted: int = 0
 
     def routes(self, topic: str) -> bool:
         return not self.topics or any(topic_matches(f, topic) for f in self.topics)
@@ -142,7 +142,7 @@ class Ticket:
     """One ingress batch on the express path; ``future`` is the sink call's result."""
 
     def __init__(self, express: Express, messages: list[NewMessage],
-                 routes: list[tuple[Lane, ...]]) -> None:
+                 routes: list[tuple[Lane, ...]], deadline: float) -> None:
         self.express = express
         self.messages = messages
         self.routes = routes
@@ -155,7 +155,7 @@ class Ticket:
         self.storing = False
         loop = asyncio.get_running_loop()
         self.future: asyncio.Future[list[AppendOutcome]] = loop.create_future()
-        self._timer = loop.call_later(express.deadline, self.store_now)
+        self._timer = loop.call_later(deadline, self.store_now)
 
     def accept(self, offer: Offer, indexes: Iterable[int]) -> None:
         """``offer``'s uplink accepted these of its messages."""
@@ -167,7 +167,6 @@ class Ticket:
             waiting[i] -= 1
             if waiting[i] == 0:
                 done += 1
-        offer.lane.express_accepted += len(mine)
         if self.storing:
             self._preack(offer, mine)
             return
@@ -241,7 +240,8 @@ class Express:
         self.store = store
         self.queue = queue
         self.lanes = list(lanes)
-        #: seconds an offered batch may wait for its uplinks before it is stored
+        #: seconds an offered batch may wait for its uplinks before it is stored, unless
+        #: its lanes say otherwise (``forwarder.ack_wait``)
         self.deadline = deadline
         self.stamp = stamp or {}
         self._routes: dict[str, tuple[Lane, ...]] = {}
@@ -262,6 +262,8 @@ class Express:
         return found
 
     async def sink(self, messages: list[NewMessage]) -> list[AppendOutcome]:
+        if not messages:
+            return []
         self.payload_bytes += sum(len(m.payload) for m in messages)
         routes = [self.routes(m.topic) for m in messages]
         if self._express(messages, routes):
@@ -299,7 +301,8 @@ class Express:
                     share = shares[lane] = ([], [])
                 share[0].append(i)
                 share[1].append(qm)
-        ticket = Ticket(self, messages, routes)
+        wait = max(lane.wait for lane in shares) or self.deadline
+        ticket = Ticket(self, messages, routes, wait)
         for lane, (indexes, qms) in shares.items():
             offer = Offer(ticket, lane, indexes, qms)
             ticket.offers.append(offer)

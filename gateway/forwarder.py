@@ -127,6 +127,7 @@ class Forwarder:
         #: reload) takes the lane over
         self.lane = lane if lane is not None else Lane(queue)
         self.lane.wake = lambda: store.wake(queue)
+        self.lane.wait = self.cfg.ack_wait
 
     @property
     def ack_when(self) -> str:
@@ -143,6 +144,7 @@ class Forwarder:
     def _adopt(self) -> None:
         if self._next_cfg is not None:
             self.cfg, self._next_cfg = self._next_cfg, None
+            self.lane.wait = self.cfg.ack_wait
             log.info("uplink %s: forwarder settings reloaded", self.label,
                      extra={"uplink": self.label})
 

@@ -221,3 +221,12 @@ async def test_routed_to_two_uplinks_needs_both(make_rig) -> None:  # type: igno
     await asyncio.sleep(0.1)
     assert rig.forwarders["b"].lane.state is LaneState.CLOSED
     assert await rig.send(("alarm/2", b"v")) == [AppendStatus.STORED]
+
+
+async def test_ack_wait_gives_a_slow_uplink_longer(make_rig) -> None:  # type: ignore[no-untyped-def]
+    rig: Rig = await make_rig({UPLINK_QUEUE: ((), {"ack_wait": COMMIT_MS / 1000 * 10})})
+    await rig.until_open()
+    rig.uplink.delay = COMMIT_MS / 1000 * 4  # past the commit interval, within ack_wait
+    commits = rig.store.commits
+    assert await rig.send(("t", b"a")) == [AppendStatus.UPLINKED]
+    assert rig.store.commits == commits
