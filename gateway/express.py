@@ -17,7 +17,9 @@ The design and its invariants are in docs/architecture.md ("Write-avoidance"); i
   nothing for its cursor (checked on the store thread after those appends committed); any
   stored-way decision for a lane closes it (CLOSED) and withdraws its queued offers (their
   batches go the stored way too). So nothing goes express while something stored before it
-  waits for the same uplink.
+  waits for the same uplink. A batch that goes the stored way takes its place in the commit
+  order at once (``Store.enqueue``, synchronously, when the decision is made): a later batch
+  of the same topic, perhaps the one whose stored-way decision withdrew it, gets a later seq.
 - **No double delivery.** A message stored while its offer is in flight keeps the id it was
   offered under; when that offer is then accepted, the id goes into the lane's ``preacked``
   and the forwarder settles the stored copy as delivered without publishing it.
@@ -197,7 +199,18 @@ class Ticket:
         self.storing = True
         self._timer.cancel()
         keep = [i for i, w in enumerate(self.waiting) if w > 0]
+        if not keep:  # nothing left to store (every uplink accepted every message)
+            self.future.set_result([UPLINKED] * len(self.messages))
+            return
         self._stored_at = frozenset(keep)
+        # queued for the commit first, in order: closing the lanes below withdraws the
+        # batches offered after this one, and they must get later seqs
+        try:
+            committed = self.express.store.enqueue(self.express.queue,
+                                                   [self.messages[i] for i in keep])
+        except Exception as exc:  # the store is closed
+            committed = asyncio.get_running_loop().create_future()
+            committed.set_exception(exc)
         lanes = {lane for i in keep for lane in self.routes[i]}
         for lane in lanes:
             lane.stored()
@@ -206,14 +219,14 @@ class Ticket:
             if accepted:
                 self._preack(offer, accepted)
         self.express.stored_after_offer += len(keep)
-        task = asyncio.ensure_future(self._append(keep, lanes))
+        task = asyncio.ensure_future(self._append(committed, keep, lanes))
         self.express.tasks.add(task)
         task.add_done_callback(self.express.tasks.discard)
 
-    async def _append(self, keep: list[int], lanes: set[Lane]) -> None:
+    async def _append(self, committed: asyncio.Future[list[AppendOutcome]], keep: list[int],
+                      lanes: set[Lane]) -> None:
         try:
-            outcomes = await self.express.store.append(
-                self.express.queue, [self.messages[i] for i in keep])
+            outcomes = await committed
         except BaseException as exc:
             self._stored_ok = False
             if not self.future.done():

@@ -164,6 +164,11 @@ class Store:
         """Store messages durably; resolves after their transaction committed."""
         if not messages:
             return []
+        return await self.enqueue(queue, messages)
+
+    def enqueue(self, queue: str, messages: Sequence[NewMessage]) -> asyncio.Future[list[AppendOutcome]]:
+        """``append`` without awaiting: the messages take their place in the commit order
+        now (before any later call), the future resolves after their commit."""
         if self._closing or self._committer is None:
             raise StoreError("the store is closed")
         fut: asyncio.Future[list[AppendOutcome]] = asyncio.get_running_loop().create_future()
@@ -172,7 +177,7 @@ class Store:
         self._wake.set()
         if self._pending_count >= self.cfg.commit_batch_size:
             self._batch_full.set()
-        return await fut
+        return fut
 
     def commit_soon(self) -> None:
         """Start the next commit without waiting for ``commit_interval_ms`` (an uplink about

@@ -230,3 +230,29 @@ async def test_ack_wait_gives_a_slow_uplink_longer(make_rig) -> None:  # type: i
     commits = rig.store.commits
     assert await rig.send(("t", b"a")) == [AppendStatus.UPLINKED]
     assert rig.store.commits == commits
+
+
+async def test_batches_stored_at_a_deadline_keep_their_order(make_rig) -> None:  # type: ignore[no-untyped-def]
+    """Found by the daemon test: the batch whose deadline passed closed its lane first, which
+    withdrew (and queued for the commit) the batch behind it before itself: the later batch
+    got the lower seq, and went out first when the early one had failed."""
+    rig: Rig = await make_rig()
+    await rig.until_open()
+    failed: set[str] = set()
+
+    def once(m):  # type: ignore[no-untyped-def]
+        if m.body == b"1" and m.id not in failed:
+            failed.add(m.id)
+            return RetryableError("throttled", backend="stub")
+        return None
+
+    rig.uplink.fail = once
+    rig.uplink.delay = COMMIT_MS / 1000 * 3  # "1" is refused, long after its deadline
+    first = asyncio.ensure_future(rig.send(("t", b"1")))
+    await asyncio.sleep(COMMIT_MS / 1000 / 3)
+    second = asyncio.ensure_future(rig.send(("t", b"2")))  # queued behind it
+    assert await first == [AppendStatus.STORED] and await second == [AppendStatus.STORED]
+    rig.uplink.delay = 0
+    await rig.until_open()
+    await rig.send(("t", b"3"))
+    assert [m.body for _, m in rig.uplink.published] == [b"1", b"2", b"3"]
