@@ -165,6 +165,10 @@ class ForwarderConfig:
     routes: list[Route] = field(default_factory=list)
     #: failed attempts before a message is dead-lettered; 0 = store.max_attempts
     max_attempts: int = 0
+    #: when a message may be acknowledged to the broker: "stored" (after the store's
+    #: commit) or "uplinked_or_stored" (also when this uplink accepted it first, with no
+    #: store write: docs/reliability.md); None = the backend's default (durable_acks)
+    ack_when: Literal["stored", "uplinked_or_stored"] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,6 +25,12 @@ Promises:
   finishes under the settings it was leased with.
 - What the operator reads about the uplink (one line per change of state, defects of the
   uplink's code told apart from outages) is gateway/linkstate.py.
+- Write-avoidance (``ack_when: uplinked_or_stored``, gateway/express.py): the forwarder owns
+  its uplink's express lane. It moves the lane CLOSED -> OPENING when a drain left the store
+  empty for it, OPENING -> OPEN once the stored-way appends routed to it committed and the
+  store is still empty for it, and closes it on any failure, outage, probe or stop. Offers are
+  published only while OPEN, one call at a time like leased batches; a stored copy of an
+  accepted offer (``lane.preacked``) is settled as delivered without being published.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from typing import TypeVar
 from gateway.aio import Interrupted, wait_event
 from gateway.config import Config, ForwarderConfig
 from gateway.errors import ConfigError, QueueError, RetryableError, StoreError, UplinkUnavailable
+from gateway.express import Lane, LaneState, Offer
 from gateway.linkstate import CONNECT_NOTICE, UplinkState, is_programming_error
 from gateway.message import QueueMessage
 from gateway.queue.interface import MessageQueueInterface, PublishResult
@@ -76,14 +83,17 @@ class ForwarderStats:
     #: the programming error the uplink's code raised ("TypeError: ..."), '' when none
     defect: str = ""
     errors_by_kind: dict[str, int] = field(default_factory=dict)
+    #: of ``delivered``: accepted from memory, before any store write (write-avoidance)
+    express: int = 0
 
 
 class Forwarder:
     """Drains one uplink's cursor. ``queue`` is the uplink's name, the name of its cursor in
     the store (the single ``queue:`` section's uplink is ``default``)."""
 
-    def __init__(self, store: Store, uplink: MessageQueueInterface, config: Config,
-                 queue: str = UPLINK_QUEUE, stats: ForwarderStats | None = None) -> None:
+    def __init__(self, store: Store, uplink: MessageQueueInterface, config: Config,  # noqa: PLR0917
+                 queue: str = UPLINK_QUEUE, stats: ForwarderStats | None = None,
+                 lane: Lane | None = None) -> None:
         self.store = store
         self.uplink = uplink
         self.cfg = config.forwarder
@@ -113,6 +123,17 @@ class Forwarder:
         self._bound: asyncio.Timeout | None = None
         #: the last batch reached a lease limit: more may be ready behind it
         self._more = False
+        #: the uplink's side of write-avoidance (gateway/express.py); a replacement (a
+        #: reload) takes the lane over
+        self.lane = lane if lane is not None else Lane(queue)
+        self.lane.wake = lambda: store.wake(queue)
+
+    @property
+    def ack_when(self) -> str:
+        """``forwarder.ack_when``, or the backend's default when unset."""
+        if self.cfg.ack_when:
+            return self.cfg.ack_when
+        return "uplinked_or_stored" if self.uplink.durable_acks else "stored"
 
     def configure(self, cfg: ForwarderConfig) -> None:
         """New settings, taken before the next batch (the one in flight keeps its own)."""
@@ -129,6 +150,7 @@ class Forwarder:
         """Finish the batch in flight (a call to the uplink gets STOP_GRACE seconds more),
         then return from ``run``."""
         self._stopping.set()
+        self.lane.close()  # what is on offer goes the stored way
         self.store.wake(self.queue)  # an idle wait for messages ends now
         bound = self._bound
         if bound is not None:
@@ -145,6 +167,9 @@ class Forwarder:
                     await self._backoff()
                     continue
                 try:
+                    if self.lane.state is LaneState.OPEN and self.lane.offers:
+                        await self._express()
+                        continue
                     sent = await self.drain_once()
                 except UplinkUnavailable as exc:
                     if self._stopping.is_set():
@@ -158,11 +183,14 @@ class Forwarder:
                     # unsettled leases expire and the messages are delivered again.
                     await self._store_trouble(exc)
                     continue
+                if await self._advance_lane(sent):
+                    continue
                 if sent == 0 or not self._more:
                     # nothing was left behind the batch when it was leased: what committed
                     # since has set the store's event, so this returns at once for it
                     await self._sleep_until_ready()
         finally:
+            self.lane.close()
             await self.flush()
             self.stats.state = "stopped"
 
@@ -214,6 +242,7 @@ class Forwarder:
     async def _store_trouble(self, exc: StoreError) -> None:
         log.error("store error while forwarding (%s); retrying with backoff", exc,
                   extra={"uplink": self.label})
+        self.lane.close()
         if self._ahead is not None:  # its lease, if it got one, expires and is retried
             self._ahead.cancel()
             self._ahead = None
@@ -230,6 +259,7 @@ class Forwarder:
                 self.link.untranslated(exc.cause)
         else:
             self.link.unavailable(exc)
+        self.lane.close()
         self._failures += 1
         self.store.uplink_state(self.queue, online=False)
 
@@ -246,6 +276,93 @@ class Forwarder:
         for writers outside this process (``dlq replay``)."""
         if not self._stopping.is_set():
             await self.store.wait_ready(self.queue, EXTERNAL_WRITE_WAKEUP)
+
+    # -- write-avoidance: the express lane ------------------------------------------------
+
+    def _express_allowed(self) -> bool:
+        return (self.ack_when == "uplinked_or_stored" and self._connected and not self._probe
+                and not self._failures and not self._stopping.is_set())
+
+    async def _advance_lane(self, sent: int) -> bool:
+        """Move the lane on after a drain (module docstring); True = drain again now."""
+        lane = self.lane
+        if not self._express_allowed():
+            lane.close()
+            return False
+        if self._more or lane.state is LaneState.OPEN:
+            return False
+        opening = lane.state is LaneState.OPENING
+        if opening and lane.pending_stores:
+            self.store.commit_soon()  # stored-way messages first: their commit wakes us
+            return False
+        if opening and sent:
+            return True  # deliver what came, then look again
+        if not await self.store.caught_up(self.queue) or not self._express_allowed():
+            return False  # e.g. a retry is parked: its topic must wait for it
+        if lane.state is LaneState.CLOSED:
+            lane.opening()  # offers are held from now on ...
+            self.store.commit_soon()  # ... and what was stored before them goes first
+            return True
+        if lane.pending_stores:  # a stored-way append came in while the store looked
+            return False
+        lane.open()
+        return True
+
+    async def _express(self) -> None:
+        """Publish the lane's queued offers (one call per destination); settle their tickets.
+        Raises UplinkUnavailable as ``drain_once`` does (the offers go the stored way)."""
+        lane = self.lane
+        started = time.monotonic()
+        offers = lane.take(self.cfg.batch_size)
+        flat: list[tuple[Offer, int, QueueMessage]] = [
+            (o, i, m) for o in offers for i, m in zip(o.indexes, o.messages, strict=True)]
+        groups: dict[str, list[int]] = {}
+        if self.cfg.routes:
+            for p, (_, _, m) in enumerate(flat):
+                groups.setdefault(self.destination(m.topic), []).append(p)
+        else:
+            groups[self.default_destination] = list(range(len(flat)))
+        ok = [False] * len(flat)
+        failed = False
+        unavailable: UplinkUnavailable | None = None
+        for destination, positions in groups.items():
+            if unavailable is not None:
+                failed = True
+                break
+            results = await self._publish(destination, [flat[p][2] for p in positions])
+            for p, result in zip(positions, results, strict=True):
+                error = result.error
+                if error is None:
+                    ok[p] = True
+                    continue
+                failed = True
+                if isinstance(error, UplinkUnavailable):
+                    unavailable = unavailable or error
+                kind = type(error).__name__
+                self.stats.errors_by_kind[kind] = self.stats.errors_by_kind.get(kind, 0) + 1
+        accepted: dict[int, list[int]] = {}
+        for p, (offer, i, _) in enumerate(flat):
+            if ok[p]:
+                accepted.setdefault(id(offer), []).append(i)
+        for offer in offers:
+            offer.ticket.accept(offer, accepted.get(id(offer), ()))
+        if failed:  # what was not accepted goes the stored way, and so does what follows
+            lane.close()
+            for offer in offers:
+                offer.ticket.store_now()
+        n = sum(ok)
+        self.stats.batches += 1
+        if n:
+            self.stats.delivered += n
+            self.stats.express += n
+            self.stats.last_ack_at = time.time()
+        if unavailable is not None:
+            self._connected = not isinstance(unavailable, _Disconnected)
+            raise unavailable
+        if not failed:
+            self._failures = 0
+            self.link.online()
+        await self._pace(n, started)
 
     def destination(self, topic: str) -> str:
         for route in self.cfg.routes:
@@ -267,12 +384,15 @@ class Forwarder:
         batch = await self._next_batch(1 if probing else self.cfg.batch_size)
         if not batch:
             return 0
-        self._more = batch.full(self.cfg.batch_size, self.cfg.max_batch_bytes)
+        # a probe of one message says nothing of what waits behind it: look again at once
+        # (after an outage with no new commit to wake it, it slept EXTERNAL_WRITE_WAKEUP)
+        self._more = probing or batch.full(self.cfg.batch_size, self.cfg.max_batch_bytes)
         if not probing and self._more:
             # a full batch: more may be waiting, lease it while this one is on the wire
             self._ahead = asyncio.create_task(self._lease(self.cfg.batch_size),
                                               name="lease-ahead")
         settlement, unavailable = await self._publish_all(batch)
+        settlement.delivered.extend(batch.preacked)
         in_order = not settlement.retry and not settlement.release
         if not in_order:
             settlement.release.extend(m.seq for m in (await self._take_ahead()).messages)
@@ -280,7 +400,7 @@ class Forwarder:
         self._settling = self.store.submit_settle(settlement)
         if not in_order:
             await self._settled()
-        self._account(settlement)
+        self._account(settlement, len(batch.preacked))
         if unavailable is not None:
             self._connected = not isinstance(unavailable, _Disconnected)
             raise unavailable
@@ -301,8 +421,18 @@ class Forwarder:
         """Lease a batch and convert it for the uplink. Leased ahead, the conversion runs
         while the batch before it waits for the uplink's acknowledgements."""
         leased = await self.store.lease(self.queue, limit, max_bytes=self.cfg.max_batch_bytes)
+        preacked = self.lane.preacked
+        done: list[int] = []
+        send = leased
+        if preacked:  # stored copies the uplink accepted from memory: settled, not sent
+            send = []
+            for m in leased:
+                if m.id in preacked:
+                    done.append(m.seq)
+                else:
+                    send.append(m)
         return _Batch(leased, [(dest, group, queue_messages(group))
-                               for dest, group in self._group(leased)])
+                               for dest, group in self._group(send)], done)
 
     async def _take_ahead(self) -> _Batch:
         task, self._ahead = self._ahead, None
@@ -334,6 +464,8 @@ class Forwarder:
         return settlement, unavailable
 
     def _group(self, batch: list[StoredMessage]) -> list[tuple[str, list[StoredMessage]]]:
+        if not batch:
+            return []
         if not self.cfg.routes:
             return [(self.default_destination, batch)]
         groups: dict[str, list[StoredMessage]] = {}
@@ -390,10 +522,12 @@ class Forwarder:
                 self.stats.errors_by_kind[kind] = self.stats.errors_by_kind.get(kind, 0) + 1
         return unavailable
 
-    def _account(self, s: Settlement) -> None:
+    def _account(self, s: Settlement, preacked: int = 0) -> None:
+        """Count a settlement; ``preacked`` of its deliveries were counted when the uplink
+        accepted them from memory."""
         self.stats.batches += 1
-        if s.delivered:
-            self.stats.delivered += len(s.delivered)
+        if len(s.delivered) > preacked:
+            self.stats.delivered += len(s.delivered) - preacked
             self.stats.last_ack_at = time.time()
         self.stats.retried += len(s.retry)
         self.stats.dead_lettered += len(s.dead)
@@ -414,6 +548,8 @@ class _Batch:
 
     messages: list[StoredMessage]
     groups: list[tuple[str, list[StoredMessage], list[QueueMessage]]]
+    #: seqs of stored copies the uplink already accepted from memory (write-avoidance)
+    preacked: list[int] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.messages)

@@ -42,6 +42,7 @@ from collections.abc import Callable
 from gateway.config import Config, UplinkConfig
 from gateway.downlink.downlink import Downlink
 from gateway.errors import BackendNotInstalled, ConfigError, NotSupportedError, StoreError
+from gateway.express import Express, Lane
 from gateway.forwarder import UPLINK_QUEUE, Forwarder
 from gateway.ingress import MqttIngress
 from gateway.message import ATTR_GATEWAY_ID
@@ -52,7 +53,7 @@ from gateway.queue.interface import MessageQueueInterface
 from gateway.queue.registry import create_backend
 from gateway.reload import ReloadPlan, plan_reload
 from gateway.store.db import Destination
-from gateway.store.records import AppendOutcome, NewMessage, QueueStats
+from gateway.store.records import QueueStats
 from gateway.store.store import Store
 
 log = logging.getLogger("gateway.service")
@@ -74,16 +75,21 @@ class Gateway:
                  loader: ConfigLoader | None = None) -> None:
         self.config = config
         self.loader = loader
-        self.store = Store(config.store_path, config.store,
-                           stamp={ATTR_GATEWAY_ID: config.gateway_id})
+        stamp = {ATTR_GATEWAY_ID: config.gateway_id}
+        self.store = Store(config.store_path, config.store, stamp=stamp)
         self.uplinks: dict[str, MessageQueueInterface] = {}
         self.forwarders: dict[str, Forwarder] = {}
-        for u in config.uplinks:
+        lanes = [Lane(u.name, tuple(u.topics)) for u in config.uplinks]
+        for u, lane in zip(config.uplinks, lanes, strict=True):
             view = config.uplink_view(u)
             backend = uplink if uplink is not None and not self.uplinks else create_backend(view)
             self.uplinks[u.name] = backend
-            self.forwarders[u.name] = Forwarder(self.store, backend, view, queue=u.name)
-        self.ingress = MqttIngress(config.ingress, config.ingress_client_id, self._sink)
+            self.forwarders[u.name] = Forwarder(self.store, backend, view, queue=u.name,
+                                                lane=lane)
+        #: the ingress's sink: write-avoidance in front of the store (gateway/express.py)
+        self.express = Express(self.store, UPLINK_QUEUE, lanes,
+                               config.store.commit_interval_ms / 1000, stamp=stamp)
+        self.ingress = MqttIngress(config.ingress, config.ingress_client_id, self.express.sink)
         self.downlinks = {u.name: Downlink(config.uplink_view(u), name=u.name)
                           for u in config.uplinks if u.queue.downlink.enabled}
         self._stop = asyncio.Event()
@@ -118,10 +124,13 @@ class Gateway:
             counters={"ingress_received": ing.received, "ingress_acked": ing.acked,
                       "ingress_dead_lettered": ing.dead_lettered, "ingress_dropped": ing.dropped,
                       "ingress_duplicates": ing.duplicates, "ingress_excluded": ing.excluded,
+                      "ingress_payload_bytes": self.express.payload_bytes,
+                      "acked_without_write": self.express.acked_without_write,
+                      "stored_after_offer": self.express.stored_after_offer,
                       "config_reloads": self.reloads,
                       "config_reload_failures": self.reload_failures},
             downlinks=tuple(d.snapshot() for d in self.downlinks.values()),
-            config_reload_error=self.reload_error)
+            config_reload_error=self.reload_error, disk_write_bytes=disk_write_bytes())
 
     def _uplink_snapshot(self, u: UplinkConfig, stats: QueueStats | None) -> UplinkSnapshot:
         fwd = self.forwarders[u.name].stats
@@ -130,7 +139,8 @@ class Gateway:
             depth=stats.depth if stats else 0, in_flight=(stats.in_flight or 0) if stats else 0,
             oldest_age_seconds=stats.oldest_age_seconds if stats else None,
             dead_letter=stats.dead_letter if stats else 0, last_ack_at=fwd.last_ack_at,
-            counters={"uplinked": fwd.delivered, "retried": fwd.retried,
+            counters={"uplinked": fwd.delivered, "uplinked_from_memory": fwd.express,
+                      "retried": fwd.retried,
                       "dead_lettered": fwd.dead_lettered, "batches": fwd.batches},
             dropped=stats.dropped if stats else {}, defect=fwd.defect)
 
@@ -140,9 +150,6 @@ class Gateway:
         while True:
             sd_notify("WATCHDOG=1")
             await asyncio.sleep(interval)
-
-    async def _sink(self, messages: list[NewMessage]) -> list[AppendOutcome]:
-        return await self.store.append(UPLINK_QUEUE, messages)
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -182,6 +189,7 @@ class Gateway:
                     task.cancel()
                 await self._drain_and_stop(*stoppable, *self._forwarder_tasks.values())
         finally:
+            await self.express.close()  # what is still on offer is stored
             await asyncio.gather(*(self._disconnect(name, backend)
                                    for name, backend in self.uplinks.items()))
             await self.store.close()
@@ -261,7 +269,7 @@ class Gateway:
         view = config.uplink_view(next(u for u in config.uplinks if u.name == name))
         self.uplinks[name] = backend
         self.forwarders[name] = Forwarder(self.store, backend, view, queue=name,
-                                          stats=old.stats)
+                                          stats=old.stats, lane=old.lane)
         if not self._stop.is_set():
             self._start_forwarder(name)
         log.info("uplink %s: backend rebuilt from the new settings (%s)", name,
@@ -332,6 +340,18 @@ class Gateway:
             os._exit(1)
         log.info("received %s", signal.Signals(sig).name)
         self.request_stop()
+
+
+def disk_write_bytes() -> int | None:
+    """What this process caused to be written to disk so far (Linux /proc/self/io)."""
+    try:
+        with open("/proc/self/io", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("write_bytes:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return None
 
 
 async def run_gateway(config: Config, loader: ConfigLoader | None = None) -> None:

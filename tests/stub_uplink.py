@@ -3,6 +3,7 @@ given and fails on command. It is a test double for *our* interface, not for a s
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -20,6 +21,10 @@ class StubUplink(MessageQueueInterface):
         self.connects = 0
         #: returns an error for a message, or None to accept it
         self.fail: Callable[[QueueMessage], QueueError | None] = lambda m: None
+        #: seconds each publish_batch takes (a slow uplink)
+        self.delay = 0.0
+        #: what the stub says of its acknowledgements (write-avoidance's default)
+        self.durable_acks = False
 
     async def connect(self) -> None:
         if self.down:
@@ -40,6 +45,8 @@ class StubUplink(MessageQueueInterface):
 
     async def publish_batch(self, queue_name: str,
                             messages: Sequence[QueueMessage]) -> list[PublishResult]:
+        if self.delay:
+            await asyncio.sleep(self.delay)
         if self.down:
             error = UplinkUnavailable("stub is down", backend="stub")
             return [PublishResult(m.id, error) for m in messages]

@@ -89,6 +89,17 @@ class Snapshot:
     downlinks: tuple[DownlinkStats, ...] = ()
     #: why the last config reload (SIGHUP) was refused; '' when it succeeded or none was made
     config_reload_error: str = ""
+    #: bytes the process caused to be written to disk since it started (/proc/self/io
+    #: write_bytes); None where the kernel does not say
+    disk_write_bytes: int | None = None
+
+    @property
+    def written_per_payload_byte(self) -> float | None:
+        """Disk bytes written per payload byte received, since start (None before any)."""
+        payload = self.counters.get("ingress_payload_bytes", 0)
+        if self.disk_write_bytes is None or not payload:
+            return None
+        return self.disk_write_bytes / payload
 
     def total(self, counter: str) -> int:
         """An uplink counter summed over the uplinks."""
@@ -145,6 +156,12 @@ _HELP = {
     "ingress_dead_lettered": "messages dead-lettered on arrival (too large)",
     "ingress_dropped": "messages refused on arrival (store full, reject_new)",
     "ingress_duplicates": "QoS 2 redeliveries recognised and not stored twice",
+    "ingress_payload_bytes": "payload bytes of the messages received",
+    "acked_without_write": "messages acknowledged to the broker without a store write: every "
+                           "uplink they are routed to accepted them first (forwarder.ack_when)",
+    "stored_after_offer": "messages offered to their uplinks from memory, then stored (too "
+                          "slow, failed, or their uplink went the stored way)",
+    "uplinked_from_memory": "of uplinked: messages the uplink accepted before any store write",
     "uplinked": "messages the uplink acknowledged",
     "retried": "message deliveries scheduled for a retry",
     "dead_lettered": "messages dead-lettered by the forwarder",
@@ -172,7 +189,7 @@ def render_metrics(s: Snapshot) -> str:
 
     for name, value in sorted(s.counters.items()):
         metric(f"{name}_total", "counter", _HELP.get(name, name), value)
-    for name in ("uplinked", "retried", "dead_lettered", "batches"):
+    for name in ("uplinked", "uplinked_from_memory", "retried", "dead_lettered", "batches"):
         per_uplink(f"{name}_total", "counter", _HELP[name],
                    [(u, u.counters.get(name, 0)) for u in s.uplinks])
     full = head("dropped_total", "counter", "messages an uplink never got, dropped by a "
@@ -205,6 +222,13 @@ def render_metrics(s: Snapshot) -> str:
            round(s.commit_seconds_total, 6))
     metric("ingress_connected", "gauge", "1 when connected to the broker",
            int(s.ingress_connected))
+    if s.disk_write_bytes is not None:
+        metric("disk_write_bytes_total", "counter", "bytes the gateway process caused to be "
+               "written to disk (/proc/self/io write_bytes)", s.disk_write_bytes)
+        ratio = s.written_per_payload_byte
+        metric("disk_written_per_payload_byte", "gauge", "disk bytes written per payload byte "
+               "received, since start (NaN before any)", math.nan if ratio is None else
+               round(ratio, 4))
     metric("config_last_reload_success", "gauge", "0 while the last config reload was "
            "refused, else 1", int(not s.config_reload_error))
     if s.downlinks:
@@ -310,6 +334,8 @@ def _fields(s: Snapshot, failures: list[str],
         "store-file": f"{s.store_file_bytes / 1e6:.1f} MB",
         "received": str(s.counters.get("ingress_received", 0)),
         "uplinked": str(s.total("uplinked")),
+        "without-write": str(s.counters.get("acked_without_write", 0)),
+        "written-per-byte": "-" if (r := s.written_per_payload_byte) is None else f"{r:.2f}",
         "dead-letters": str(sum(u.dead_letter for u in s.uplinks)),
         "dropped": _dropped(s),
         "uptime": fmt_age(max(0.0, s.taken_at - s.started_at)),
@@ -411,6 +437,8 @@ const f={verdict:!d.ready?"ATTENTION":U.every(u=>u.state=="online")?"OK":"BUFFER
 broker:s.ingress_connected?"connected":"NOT connected",
 "store-file":(s.store_file_bytes/1e6).toFixed(1)+" MB",received:String(c.ingress_received||0),
 uplinked:String(upl),"dead-letters":String(dead),dropped:drop.join(", ")||"none",
+"without-write":String(c.acked_without_write||0),"written-per-byte":s.disk_write_bytes==null||
+!c.ingress_payload_bytes?"-":(s.disk_write_bytes/c.ingress_payload_bytes).toFixed(2),
 uptime:age(Math.max(0,s.taken_at-s.started_at))};
 U.forEach((u,i)=>{const p="u"+i+"-";f[p+"name"]=u.name;f[p+"type"]=u.type;
 f[p+"state"]=TEXT[u.state]||u.state;
@@ -475,6 +503,9 @@ def render_page(s: Snapshot, failures: list[str], rates: list[tuple[float, float
 <section><h2>Totals since start</h2><table>
 <tr><th>received</th><td id="received">{f["received"]}</td></tr>
 <tr><th>uplinked</th><td id="uplinked">{f["uplinked"]}</td></tr>
+<tr><th>acknowledged without a write</th><td id="without-write">{f["without-write"]}</td></tr>
+<tr><th>disk bytes written per payload byte</th>
+<td id="written-per-byte">{f["written-per-byte"]}</td></tr>
 <tr><th>dead letters</th><td id="dead-letters">{f["dead-letters"]}</td></tr>
 <tr><th>dropped</th><td id="dropped">{f["dropped"]}</td></tr>
 <tr><th>store file</th><td id="store-file">{f["store-file"]}</td></tr></table></section>

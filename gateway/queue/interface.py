@@ -81,6 +81,12 @@ class MessageQueueInterface(ABC):
         if cls.backend_name == MessageQueueInterface.backend_name:
             cls.backend_name = cls.__name__
 
+    #: the backend's acceptance of a message (``PublishResult.ok``) means the service stored it
+    #: durably, so the gateway may acknowledge the message without writing it first
+    #: (``forwarder.ack_when`` unset: write-avoidance, docs/reliability.md). False unless a
+    #: backend knows better: a handler that says nothing is not trusted with it.
+    durable_acks: bool = False
+
     @property
     def target(self) -> str:
         """Where this uplink connects (host:port, or a URL with its password masked), for

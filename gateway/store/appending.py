@@ -38,7 +38,7 @@ log = logging.getLogger("gateway.store")
 FULL_PROBE_SECONDS = 1.0
 
 
-def _full_attributes(m: NewMessage) -> dict[str, str]:
+def full_attributes(m: NewMessage) -> dict[str, str]:
     """A new message's attributes with the MQTT ones its flags stand for."""
     if m.mqtt_flags < 0:
         return dict(m.attributes)
@@ -273,7 +273,7 @@ class AppendDb(RetentionDb):
         msg = StoredMessage.detached(0, queue, m.topic, m.payload, m.received_at, order=0,
                                      priority=m.priority, attempts=0,
                                      msg_id=m.id or new_message_id(m.received_at),
-                                     attributes=_full_attributes(m))
+                                     attributes=full_attributes(m))
         parked.insert_dead(self._c, queue, msg, 0, m.dead_letter_reason or "", now=time.time())
         self.dead_count += 1
         self.dead_bytes += size
@@ -284,7 +284,7 @@ class AppendDb(RetentionDb):
         msg = StoredMessage.detached(0, cur.queue, m.topic, m.payload, m.received_at,
                                      order=order, priority=m.priority, attempts=0,
                                      msg_id=m.id or new_message_id(m.received_at),
-                                     attributes=_full_attributes(m))
+                                     attributes=full_attributes(m))
         not_before = m.received_at + m.delay_seconds if m.delay_seconds > 0 else 0.0
         n, size = parked.park(self._c, cur.name, [parked.ParkedRow(msg, 0, not_before, 0)])
         cur.parked_count += n

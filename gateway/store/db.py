@@ -132,6 +132,13 @@ class StoreDb(DeliveryDb):
         self._retotal()
         return [c.name for c in removed]
 
+    def caught_up(self, name: str) -> bool:
+        """The daemon's cursor ``name`` has nothing to deliver: no record past its watermark,
+        nothing handed out, nothing parked (write-avoidance opens its lane only then)."""
+        cur = self.cursors.get(name)
+        return (self.owner and self.log is not None and cur is not None
+                and self._depth(cur) == 0)
+
     def depth(self, queue: str) -> int:
         cur = self.cursors.get(queue)
         return 0 if cur is None or self.log is None else self._depth(cur)

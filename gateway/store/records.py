@@ -40,6 +40,9 @@ class AppendStatus(enum.Enum):
     DROPPED = "dropped"
     #: no destination's topics match: acknowledged, not kept, counted as ``unrouted``
     UNROUTED = "unrouted"
+    #: accepted by every uplink it is routed to before it was due to be written: never
+    #: stored (write-avoidance, gateway/express.py)
+    UPLINKED = "uplinked"
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,7 +52,8 @@ class AppendOutcome:
 
     @property
     def durable(self) -> bool:
-        """The store took responsibility for the message (stored or dead-lettered)."""
+        """The message is durable: the store took responsibility for it (stored or
+        dead-lettered), or its uplinks did (uplinked)."""
         return self.status is not AppendStatus.DROPPED
 
 

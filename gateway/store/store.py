@@ -79,6 +79,8 @@ class Store:
         #: uplinks known to be unreachable: commits are spaced by offline_commit_interval_ms
         self._offline: set[str] = set()
         self._last_commit = 0.0
+        #: commit what is pending without waiting for the interval (commit_soon)
+        self._hurry = False
         self._closing = False
         #: time spent in the last append commit, seconds (for metrics and benchmarks)
         self.last_commit_seconds = 0.0
@@ -172,6 +174,17 @@ class Store:
             self._batch_full.set()
         return await fut
 
+    def commit_soon(self) -> None:
+        """Start the next commit without waiting for ``commit_interval_ms`` (an uplink about
+        to take messages from memory wants what was stored before them delivered first)."""
+        if self._pending:
+            self._hurry = True
+            self._batch_full.set()
+
+    async def caught_up(self, name: str) -> bool:
+        """Cursor ``name`` has nothing to deliver (after every commit submitted before)."""
+        return await self._run(self._db.caught_up, name)
+
     def uplink_state(self, name: str, online: bool) -> None:
         """An uplink became reachable or unreachable (the forwarder says so)."""
         if online and name in self._offline:
@@ -198,10 +211,12 @@ class Store:
                     return
                 continue
             gap = self._last_commit + interval - time.monotonic()
-            if gap > 0 and self._pending_count < self.cfg.commit_batch_size and not self._closing:
+            if (gap > 0 and self._pending_count < self.cfg.commit_batch_size
+                    and not self._closing and not self._hurry):
                 self._batch_full.clear()
                 await wait_event(self._batch_full, gap)
             self._wake.clear()
+            self._hurry = False
             await self._commit_pending()
 
     async def _commit_pending(self) -> None:

@@ -90,6 +90,8 @@ class _InFlight:
 
 class EventHubsQueue(MessageQueueInterface):
     backend_name = BACKEND
+    #: the service acknowledges a message once it stored it
+    durable_acks = True
 
     def __init__(self, settings: EventHubsSettings, *, state_dir: str,
                  request_queue_name: str = "openhqm-requests") -> None:

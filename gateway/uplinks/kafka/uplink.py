@@ -87,6 +87,11 @@ class KafkaQueue(MessageQueueInterface):
         self._subs: dict[str, Subscription] = {}
         self._in_flight: dict[str, list[_InFlight]] = {}
 
+    @property
+    def durable_acks(self) -> bool:  # type: ignore[override]
+        """acks=all: every in-sync replica has the record when the broker acknowledges it."""
+        return self.settings.kafka_acks == "all"
+
     @classmethod
     def from_config(cls, config: Config) -> Self:
         settings: KafkaSettings = config.queue.settings

@@ -88,6 +88,8 @@ class _InFlight:
 
 class PubSubQueue(MessageQueueInterface):
     backend_name = BACKEND
+    #: the service acknowledges a message once it stored it
+    durable_acks = True
 
     def __init__(self, settings: PubSubSettings, *, dlq_name: str = "openhqm-dlq") -> None:
         check_settings(settings)

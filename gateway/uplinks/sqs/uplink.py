@@ -119,6 +119,8 @@ class _Entry:
 
 class SqsQueue(MessageQueueInterface):
     backend_name = BACKEND
+    #: the service acknowledges a message once it stored it
+    durable_acks = True
 
     def __init__(self, settings: SqsSettings | None = None, *,
                  request_queue_name: str = "openhqm-requests",
