@@ -20,7 +20,8 @@ to arrival at the reader) for messages published while the link was up as p50/p9
 cut, i.e. warm-up and catch-up; with ``--flap-seconds 0`` only the first 2 s), catch-up time
 after each outage, CPU per message, disk bytes written per payload byte, lost and duplicated,
 and from the daemon's /metrics (at the end, when it has them) the messages acknowledged
-without a store write, the ingress payload bytes and the store's append commits.
+without a store write, offered from memory then stored, and uplinked from memory, the ingress
+payload bytes and the store's append commits.
 
 Write-avoidance (issue #16): ``--ack-when`` sets the uplink's ``forwarder.ack_when``.
 ``stored`` writes no key (the Redis backend's default, ``stored``: the same daemon config as
@@ -82,7 +83,10 @@ MODES = ("stored", "uplinked_or_stored")
 #: (warm-up), after each reconnect (catch-up) and before each cut
 SETTLE = 2.0
 #: the /metrics counters read at the end of a run (absent before the daemon has them)
+#: (a counter with labels, such as one per uplink, is summed over them)
 METRICS = {"acked_without_write": "openhqm_gateway_acked_without_write_total",
+           "stored_after_offer": "openhqm_gateway_stored_after_offer_total",
+           "uplinked_from_memory": "openhqm_gateway_uplinked_from_memory_total",
            "ingress_payload_bytes": "openhqm_gateway_ingress_payload_bytes_total",
            "store_commits": "openhqm_gateway_store_commits_total"}
 
@@ -309,7 +313,8 @@ def read_metrics(gw: GatewayProcess) -> dict[str, float | None]:
     for line in text.splitlines():
         if line and not line.startswith("#"):
             name, _, value = line.rpartition(" ")
-            values[name] = float(value)
+            name = name.split("{", 1)[0]
+            values[name] = values.get(name, 0.0) + float(value)
     return {key: values.get(full) for key, full in METRICS.items()}
 
 
@@ -458,6 +463,8 @@ def report(runs: dict[str, dict[str, Any]], flap_seconds: float) -> str:
             f"{r['disk_bytes_written'] / 1e6:.1f} / {r['payload_bytes'] / 1e6:.1f}"
             for r in runs.values()]),
         ("acked without a write (/metrics)", [num(r["acked_without_write"]) for r in runs.values()]),
+        ("offered, then stored (/metrics)", [num(r["stored_after_offer"]) for r in runs.values()]),
+        ("uplinked from memory (/metrics)", [num(r["uplinked_from_memory"]) for r in runs.values()]),
         ("store append commits (/metrics)", [num(r["store_commits"]) for r in runs.values()]),
         ("latency online p50 / p99 / max (ms)", [
             "{p50} / {p99} / {max}".format(**r["latency_online_ms"]) for r in runs.values()]),
