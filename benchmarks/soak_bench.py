@@ -21,7 +21,7 @@ cut, i.e. warm-up and catch-up; with ``--flap-seconds 0`` only the first 2 s), c
 after each outage, CPU per message, disk bytes written per payload byte, lost and duplicated,
 and from the daemon's /metrics (at the end, when it has them) the messages acknowledged
 without a store write, offered from memory then stored, and uplinked from memory, the ingress
-payload bytes and the store's append commits.
+payload bytes, the store's append commits and the batches sent to the uplink.
 
 Write-avoidance (issue #16): ``--ack-when`` sets the uplink's ``forwarder.ack_when``.
 ``stored`` writes no key (the Redis backend's default, ``stored``: the same daemon config as
@@ -88,7 +88,8 @@ METRICS = {"acked_without_write": "openhqm_gateway_acked_without_write_total",
            "stored_after_offer": "openhqm_gateway_stored_after_offer_total",
            "uplinked_from_memory": "openhqm_gateway_uplinked_from_memory_total",
            "ingress_payload_bytes": "openhqm_gateway_ingress_payload_bytes_total",
-           "store_commits": "openhqm_gateway_store_commits_total"}
+           "store_commits": "openhqm_gateway_store_commits_total",
+           "uplink_batches": "openhqm_gateway_batches_total"}
 
 
 _rnd = random.Random(7)
@@ -466,6 +467,7 @@ def report(runs: dict[str, dict[str, Any]], flap_seconds: float) -> str:
         ("offered, then stored (/metrics)", [num(r["stored_after_offer"]) for r in runs.values()]),
         ("uplinked from memory (/metrics)", [num(r["uplinked_from_memory"]) for r in runs.values()]),
         ("store append commits (/metrics)", [num(r["store_commits"]) for r in runs.values()]),
+        ("batches sent to the uplink (/metrics)", [num(r["uplink_batches"]) for r in runs.values()]),
         ("latency online p50 / p99 / max (ms)", [
             "{p50} / {p99} / {max}".format(**r["latency_online_ms"]) for r in runs.values()]),
         ("  messages counted", [f"{r['latency_online_ms']['count']:,}" for r in runs.values()]),
