@@ -169,9 +169,16 @@ class Forwarder:
                     await self._backoff()
                     continue
                 try:
-                    if self.lane.state is LaneState.OPEN and self.lane.offers:
-                        await self._express()
-                        continue
+                    if self.lane.state is LaneState.OPEN and not self._express_allowed():
+                        self.lane.close()  # e.g. a reload set ack_when: stored
+                    if self.lane.state is LaneState.OPEN:
+                        if self.lane.offers:
+                            await self._express()
+                            continue
+                        # the store holds nothing for an open lane: no lease until a wake-up
+                        # (offers, a commit that closed the lane, stop) or the safety net
+                        if await self.store.wait_woken(self.queue, EXTERNAL_WRITE_WAKEUP):
+                            continue
                     sent = await self.drain_once()
                 except UplinkUnavailable as exc:
                     if self._stopping.is_set():

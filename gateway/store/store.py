@@ -298,6 +298,14 @@ class Store:
         """End a ``wait_ready`` of ``queue`` now (the forwarder is stopping)."""
         self._notify(queue)
 
+    async def wait_woken(self, queue: str, timeout: float) -> bool:
+        """Clear ``queue``'s event, then sleep until a commit, a release or ``wake`` sets it
+        (True) or ``timeout`` passes (False). For a consumer that knows the store holds
+        nothing for it (an open write-avoidance lane): no lease round trip per wake-up."""
+        event = self._event(queue)
+        event.clear()
+        return await wait_event(event, timeout)
+
     async def wait_ready(self, queue: str, timeout: float | None = None) -> None:
         """Sleep until new messages may be ready in ``queue`` (or the timeout, or a due one)."""
         event = self._event(queue)
