@@ -175,9 +175,12 @@ class Forwarder:
                         if self.lane.offers:
                             await self._express()
                             continue
-                        # the store holds nothing for an open lane: no lease until a wake-up
-                        # (offers, a commit that closed the lane, stop) or the safety net
-                        if await self.store.wait_woken(self.queue, EXTERNAL_WRITE_WAKEUP):
+                        # the store holds nothing for an open lane: no lease until something
+                        # else than an offer wakes it (a commit, a release, stop) or the
+                        # safety net passes
+                        await self.store.wait_woken(self.queue, EXTERNAL_WRITE_WAKEUP)
+                        if (self.lane.offers or self._stopping.is_set()
+                                or self._next_cfg is not None):
                             continue
                     sent = await self.drain_once()
                 except UplinkUnavailable as exc:
@@ -298,7 +301,11 @@ class Forwarder:
         if not self._express_allowed():
             lane.close()
             return False
-        if self._more or lane.state is LaneState.OPEN:
+        if lane.state is LaneState.OPEN:
+            if sent:  # stored around the lane (a replay, a direct append): it opens afresh
+                lane.close()
+            return bool(sent)
+        if self._more:
             return False
         opening = lane.state is LaneState.OPENING
         if opening and lane.pending_stores:

@@ -256,3 +256,20 @@ async def test_batches_stored_at_a_deadline_keep_their_order(make_rig) -> None: 
     await rig.until_open()
     await rig.send(("t", b"3"))
     assert [m.body for _, m in rig.uplink.published] == [b"1", b"2", b"3"]
+
+
+async def test_a_message_stored_around_the_lane_is_delivered_at_once(make_rig) -> None:  # type: ignore[no-untyped-def]
+    """Something else than the ingress appends (a test, a replay): an open lane's forwarder,
+    woken by the commit, leases it at once (not after the 5 s safety net) and the lane opens
+    afresh behind it. Found by the Kafka and Pub/Sub outage tests, which feed the store."""
+    rig: Rig = await make_rig()
+    await rig.until_open()
+    started = time.monotonic()
+    await rig.store.append(UPLINK_QUEUE, [NewMessage("", "t", b"direct", {}, time.time(),
+                                                     mqtt_flags=FROM_MQTT | 1)])
+    while not rig.uplink.published:
+        assert time.monotonic() - started < 1.0, "not delivered within a second"
+        await asyncio.sleep(0.005)
+    await rig.until_open()
+    assert await rig.send(("t", b"after")) == [AppendStatus.UPLINKED]
+    assert [m.body for _, m in rig.uplink.published] == [b"direct", b"after"]
