@@ -183,10 +183,12 @@ def test_a_cut_uplink_holds_back_no_other_and_catches_up(
               f"{gw.status()['uplinks']['a']['depth']}")
         # B's latency while A is down stays that of a healthy run. Held back by A, B would
         # wait out A's 1 s socket timeouts and backoff: a single stall puts a second's worth
-        # of messages (200, 12% of the phase) a second late, far above this bound. The 250 ms
-        # margin is for a loaded CI machine (another worker building images under qemu
-        # measured B's p99 at 176 ms against 47 ms healthy).
-        assert cut_p99 <= max(healthy_p99 * 1.5, healthy_p99 + 0.25), (healthy_p99, cut_p99)
+        # of messages (200, 12% of the phase) a second late, above this bound. The 750 ms
+        # margin is for a loaded machine: another worker building images under qemu measured
+        # B's p99 at 176 ms against 47 ms healthy; two full local runs with the kill -9 loop
+        # of test_write_avoidance.py on the other worker, 617 and 640 ms against 50-52 ms
+        # (alone, and beside a busy loop on the other core: 47-48 ms, as before #16).
+        assert cut_p99 <= max(healthy_p99 * 1.5, healthy_p99 + 0.75), (healthy_p99, cut_p99)
         proxy.set_mode("up")
         wait_until(lambda: set(healthy + cut) <= {b for _, b, _ in read_stream(redis.port,
                                                                               f"{root}-a")},
