@@ -83,6 +83,26 @@ def delivered_report(redis_port: int, stream: str, acked: list[bytes]) -> dict[s
             "new_id": len(entries) - len(bodies) - same_id}  # redelivered by the broker
 
 
+def after_crash_loop(pub: Publisher, sent: int, redis_port: int, root: str,
+                     started: float) -> tuple[dict[str, int], float]:
+    """The publisher stopped after a crash loop: wait for every PUBACK and for every
+    acknowledged message in the stream; the delivered report and the loop's seconds."""
+    pub.wait_all_acked(sent, timeout=30)
+    seconds = time.monotonic() - started
+    stream = f"{root}-stream"
+    wait_until(lambda: {b for _, b, _ in read_stream(redis_port, stream)} >= set(pub.acked), 60,
+               "every acknowledged message in Redis")
+    return delivered_report(redis_port, stream, pub.acked), seconds
+
+
+def check_crash_bounds(report: dict[str, int], pub: Publisher) -> None:
+    """Each kill can duplicate at most what was in flight: the broker's window of
+    unacknowledged messages, the forwarder's batch awaiting settlement and the messages
+    settled since the cursor was last written (store.cursor_sync_messages)."""
+    assert report["duplicates"] <= KILLS * (RECEIVE_MAXIMUM + BATCH_SIZE + CURSOR_SYNC)
+    assert report["unique"] == len(set(pub.acked))
+
+
 def test_crash_loop_20_sigkills_lose_nothing_acknowledged(
         tmp_path: Path, mosquitto: ServerProcess, redis: ServerProcess) -> None:
     root = f"crash/{uuid.uuid4().hex[:8]}"
@@ -103,21 +123,12 @@ def test_crash_loop_20_sigkills_lose_nothing_acknowledged(
             gw.start(wait_ready=False)
     finally:
         steady.halt()
-    pub.wait_all_acked(steady.sent, timeout=30)
-    crash_seconds = time.monotonic() - started
-    stream = f"{root}-stream"
-    wait_until(lambda: {b for _, b, _ in read_stream(redis.port, stream)} >= set(pub.acked), 60,
-               "every acknowledged message in Redis")
-    report = delivered_report(redis.port, stream, pub.acked)
+    report, crash_seconds = after_crash_loop(pub, steady.sent, redis.port, root, started)
     print(f"\ncrash loop: {KILLS} SIGKILLs in {crash_seconds:.1f}s, {len(pub.acked)} acknowledged, "
           f"{report['entries']} stream entries, {report['duplicates']} duplicates "
           f"({report['same_id']} uplinked twice with the same id, {report['new_id']} redelivered "
           f"by the broker under a new id)")
-    # Each kill can duplicate at most what was in flight: the broker's window of
-    # unacknowledged messages, the forwarder's batch awaiting settlement and the messages
-    # settled since the cursor was last written (store.cursor_sync_messages).
-    assert report["duplicates"] <= KILLS * (RECEIVE_MAXIMUM + BATCH_SIZE + CURSOR_SYNC)
-    assert report["unique"] == len(set(pub.acked))
+    check_crash_bounds(report, pub)
     assert gw.stop() == 0
     pub.close()
 
@@ -324,23 +335,30 @@ def power_cut_config(tmp_path: Path, mosquitto: ServerProcess, redis_port: int, 
                           store={"durability": durability})
 
 
-@pytest.mark.parametrize("durability", ["full", "normal"])
-def test_power_cut_on_a_loop_mounted_fs(tmp_path: Path, mosquitto: ServerProcess,
-                                        redis: ServerProcess, durability: str) -> None:
-    """full: every message the gateway acknowledged survives a power cut. normal: the
-    commits since the last WAL checkpoint are lost although they were acknowledged."""
+def power_cut_disk(tmp_path: Path) -> tuple[LoopFs, Path]:
+    """A loop-mounted ext4 for a power-cut test (its LoopFs, to clean up, and its mount
+    point), or a skip saying why this machine cannot have one."""
     why_not = LoopFs.available()
     if why_not is not None:
         pytest.skip(f"power-cut emulation {why_not}; test_kill_mid_commit_by_durability "
                     "covers the fsync difference")
     fs = LoopFs(tmp_path)
+    try:
+        return fs, fs.create("disk")
+    except RuntimeError as exc:  # no loop devices in this container, ...
+        fs.cleanup()
+        pytest.skip(f"power-cut emulation: cannot mount a loop device here: {exc}")
+
+
+@pytest.mark.parametrize("durability", ["full", "normal"])
+def test_power_cut_on_a_loop_mounted_fs(tmp_path: Path, mosquitto: ServerProcess,
+                                        redis: ServerProcess, durability: str) -> None:
+    """full: every message the gateway acknowledged survives a power cut. normal: the
+    commits since the last WAL checkpoint are lost although they were acknowledged."""
+    fs, disk = power_cut_disk(tmp_path)
     gw: GatewayProcess | None = None
     root, gateway_id = f"power/{uuid.uuid4().hex[:8]}", f"power-{uuid.uuid4().hex[:8]}"
     try:
-        try:
-            disk = fs.create("disk")
-        except RuntimeError as exc:  # no loop devices in this container, ...
-            pytest.skip(f"power-cut emulation: cannot mount a loop device here: {exc}")
         redis.stop()  # everything stays in the store
         gw = GatewayProcess(power_cut_config(tmp_path, mosquitto, redis.port, root=root,
                                              gateway_id=gateway_id, state_dir=disk / "state",

@@ -32,11 +32,12 @@ from tests.faultproxy import FaultProxy
 from tests.gateway_process import GatewayProcess, Publisher, gateway_config
 from tests.integration.test_end_to_end import check_per_topic_order, read_stream
 from tests.integration.test_faults_crash import (
-    LoopFs,
     SteadyPublisher,
-    delivered_report,
+    after_crash_loop,
+    check_crash_bounds,
     delivered_report_wait,
     make_gateway,
+    power_cut_disk,
     store_count,
 )
 from tests.servers import ServerProcess, wait_until
@@ -168,12 +169,7 @@ def test_crash_loop_with_write_avoidance_loses_nothing_acknowledged(
             life.start(wait_ready=False)
     finally:
         steady.halt()
-    pub.wait_all_acked(steady.sent, timeout=30)
-    crash_seconds = time.monotonic() - started
-    stream = f"{root}-stream"
-    wait_until(lambda: {b for _, b, _ in read_stream(redis.port, stream)} >= set(pub.acked), 60,
-               "every acknowledged message in Redis")
-    report = delivered_report(redis.port, stream, pub.acked)
+    report, crash_seconds = after_crash_loop(pub, steady.sent, redis.port, root, started)
     killed_lives = express_by_life[1:]
     print(f"\ncrash loop, write-avoidance on: {KILLS} SIGKILLs in {crash_seconds:.1f}s, "
           f"{len(pub.acked)} acknowledged, {report['entries']} stream entries, "
@@ -182,8 +178,7 @@ def test_crash_loop_with_write_avoidance_loses_nothing_acknowledged(
           f"{received_first:.0f} received in the first 1.5s, at least "
           f"{sum(killed_lives):.0f} over the {len(killed_lives)} short lives "
           f"({sum(1 for x in killed_lives if x > 0)} of them with some)")
-    assert report["duplicates"] <= KILLS * (RECEIVE_MAXIMUM + BATCH_SIZE + CURSOR_SYNC)
-    assert report["unique"] == len(set(pub.acked))
+    check_crash_bounds(report, pub)
     assert gw.stop() == 0
     pub.close()
 
@@ -274,20 +269,11 @@ def test_power_cut_with_write_avoidance(tmp_path: Path, mosquitto: ServerProcess
 
     full: every acknowledged message arrives after the restart on the power-cut disk. normal:
     only stored messages can be lost: no more than the store lost to the power cut."""
-    why_not = LoopFs.available()
-    if why_not is not None:
-        pytest.skip(f"power-cut emulation {why_not}; test_kill_mid_commit_by_durability "
-                    "covers the fsync difference")
-    fs = LoopFs(tmp_path)
+    fs, disk = power_cut_disk(tmp_path)
     gw: GatewayProcess | None = None
     root, gateway_id = f"wapower/{uuid.uuid4().hex[:8]}", f"wapower-{uuid.uuid4().hex[:8]}"
     stream = f"{root}-stream"
     try:
-        try:
-            disk = fs.create("disk")
-        except RuntimeError as exc:  # no loop devices in this container, ...
-            pytest.skip(f"power-cut emulation: cannot mount a loop device here: {exc}")
-
         config = functools.partial(wa_power_cut_config, tmp_path, mosquitto, redis.port,
                                    root=root, gateway_id=gateway_id, durability=durability)
         gw = GatewayProcess(config(state_dir=disk / "state"), tmp_path)

@@ -17,7 +17,13 @@ from gateway.config import Config, ForwarderConfig, QueueConfig, StoreConfig
 from gateway.errors import RetryableError
 from gateway.express import Express, Lane, LaneState
 from gateway.forwarder import UPLINK_QUEUE, Forwarder
-from gateway.message import ATTR_GATEWAY_ID, ATTR_MESSAGE_ID, ATTR_MQTT_QOS, ATTR_MQTT_TOPIC
+from gateway.message import (
+    ATTR_GATEWAY_ID,
+    ATTR_MESSAGE_ID,
+    ATTR_MQTT_QOS,
+    ATTR_MQTT_TOPIC,
+    QueueMessage,
+)
 from gateway.store import NewMessage, Store
 from gateway.store.db import Destination
 from gateway.store.frames import FROM_MQTT
@@ -60,6 +66,21 @@ def config(**fw: object) -> Config:
     forwarder = dataclasses.replace(ForwarderConfig(retry_min_delay=0.01, retry_max_delay=0.05),
                                     **fw)  # type: ignore[arg-type]
     return Config(forwarder=forwarder, queue=QueueConfig(request_queue_name="up"))
+
+
+def refuse_once(uplink: StubUplink, body: bytes) -> set[str]:
+    """The stub refuses the message with ``body`` (RetryableError) the first time it sees
+    each id; returns the ids it refused."""
+    failed: set[str] = set()
+
+    def once(m: QueueMessage) -> RetryableError | None:
+        if m.body == body and m.id not in failed:
+            failed.add(m.id)
+            return RetryableError("throttled", backend="stub")
+        return None
+
+    uplink.fail = once
+    return failed
 
 
 @pytest.fixture
@@ -145,15 +166,7 @@ async def test_a_slow_uplink_goes_the_stored_way_and_is_not_sent_twice(make_rig)
 async def test_a_failure_is_retried_from_the_store_in_topic_order(make_rig) -> None:  # type: ignore[no-untyped-def]
     rig: Rig = await make_rig()
     await rig.until_open()
-    failed: set[str] = set()
-
-    def once(m):  # type: ignore[no-untyped-def]
-        if m.body == b"1" and m.id not in failed:
-            failed.add(m.id)
-            return RetryableError("throttled", backend="stub")
-        return None
-
-    rig.uplink.fail = once
+    failed = refuse_once(rig.uplink, b"1")
     # one call: 0 and 2 accepted, 1 refused for now (as on the stored path, the rest of a
     # call is not held back by a retryable failure inside it); 1 alone is stored
     assert await rig.send(("t", b"0"), ("t", b"1"), ("t", b"2")) == [
@@ -238,15 +251,7 @@ async def test_batches_stored_at_a_deadline_keep_their_order(make_rig) -> None: 
     got the lower seq, and went out first when the early one had failed."""
     rig: Rig = await make_rig()
     await rig.until_open()
-    failed: set[str] = set()
-
-    def once(m):  # type: ignore[no-untyped-def]
-        if m.body == b"1" and m.id not in failed:
-            failed.add(m.id)
-            return RetryableError("throttled", backend="stub")
-        return None
-
-    rig.uplink.fail = once
+    failed = refuse_once(rig.uplink, b"1")
     rig.uplink.delay = COMMIT_MS / 1000 * 3  # "1" is refused, long after its deadline
     first = asyncio.ensure_future(rig.send(("t", b"1")))
     await asyncio.sleep(COMMIT_MS / 1000 / 3)
@@ -256,6 +261,7 @@ async def test_batches_stored_at_a_deadline_keep_their_order(make_rig) -> None: 
     await rig.until_open()
     await rig.send(("t", b"3"))
     assert [m.body for _, m in rig.uplink.published] == [b"1", b"2", b"3"]
+    assert rig.uplink.published[0][1].id in failed  # stored with the id it was offered under
 
 
 async def test_a_message_stored_around_the_lane_is_delivered_at_once(make_rig) -> None:  # type: ignore[no-untyped-def]
