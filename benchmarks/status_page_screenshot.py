@@ -34,7 +34,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=150.0)
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "status-page.png")
-    parser.add_argument("--size", default="1000x540", help="window WIDTHxHEIGHT")
+    parser.add_argument("--size", default="1000x620", help="window WIDTHxHEIGHT")
     args = parser.parse_args()
     width, height = (int(v) for v in args.size.split("x"))
     with tempfile.TemporaryDirectory(prefix="status-page-") as tmp_name:

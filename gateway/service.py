@@ -101,6 +101,8 @@ class Gateway:
         self._forwarder_tasks: dict[str, asyncio.Task[None]] = {}
         self._signals = 0
         self._started_at = time.time()
+        #: the process's disk writes when it became ready (the per-payload-byte gauge's zero)
+        self._write_base = 0
         self.http = (ObservabilityServer(config.observability, self.snapshot)
                      if config.observability.listen else None)
 
@@ -130,7 +132,8 @@ class Gateway:
                       "config_reloads": self.reloads,
                       "config_reload_failures": self.reload_failures},
             downlinks=tuple(d.snapshot() for d in self.downlinks.values()),
-            config_reload_error=self.reload_error, disk_write_bytes=disk_write_bytes())
+            config_reload_error=self.reload_error, disk_write_bytes=disk_write_bytes(),
+            disk_write_base=self._write_base)
 
     def _uplink_snapshot(self, u: UplinkConfig, stats: QueueStats | None) -> UplinkSnapshot:
         fwd = self.forwarders[u.name].stats
@@ -311,6 +314,7 @@ class Gateway:
 
     async def _announce_ready(self) -> None:
         await self.ingress.ready.wait()
+        self._write_base = disk_write_bytes() or 0
         sd_notify("READY=1")
         log.info("ready: subscribed and storing")
 

@@ -92,14 +92,17 @@ class Snapshot:
     #: bytes the process caused to be written to disk since it started (/proc/self/io
     #: write_bytes); None where the kernel does not say
     disk_write_bytes: int | None = None
+    #: ``disk_write_bytes`` when the gateway became ready (store open, its disk reserve
+    #: written, subscribed): what start-up wrote is not the messages' cost
+    disk_write_base: int = 0
 
     @property
     def written_per_payload_byte(self) -> float | None:
-        """Disk bytes written per payload byte received, since start (None before any)."""
+        """Disk bytes written since ready per payload byte received (None before any)."""
         payload = self.counters.get("ingress_payload_bytes", 0)
         if self.disk_write_bytes is None or not payload:
             return None
-        return self.disk_write_bytes / payload
+        return (self.disk_write_bytes - self.disk_write_base) / payload
 
     def total(self, counter: str) -> int:
         """An uplink counter summed over the uplinks."""
@@ -226,8 +229,8 @@ def render_metrics(s: Snapshot) -> str:
         metric("disk_write_bytes_total", "counter", "bytes the gateway process caused to be "
                "written to disk (/proc/self/io write_bytes)", s.disk_write_bytes)
         ratio = s.written_per_payload_byte
-        metric("disk_written_per_payload_byte", "gauge", "disk bytes written per payload byte "
-               "received, since start (NaN before any)", math.nan if ratio is None else
+        metric("disk_written_per_payload_byte", "gauge", "disk bytes written since the gateway "
+               "became ready per payload byte received (NaN before any)", math.nan if ratio is None else
                round(ratio, 4))
     metric("config_last_reload_success", "gauge", "0 while the last config reload was "
            "refused, else 1", int(not s.config_reload_error))
@@ -438,7 +441,8 @@ broker:s.ingress_connected?"connected":"NOT connected",
 "store-file":(s.store_file_bytes/1e6).toFixed(1)+" MB",received:String(c.ingress_received||0),
 uplinked:String(upl),"dead-letters":String(dead),dropped:drop.join(", ")||"none",
 "without-write":String(c.acked_without_write||0),"written-per-byte":s.disk_write_bytes==null||
-!c.ingress_payload_bytes?"-":(s.disk_write_bytes/c.ingress_payload_bytes).toFixed(2),
+!c.ingress_payload_bytes?"-":((s.disk_write_bytes-s.disk_write_base)/
+c.ingress_payload_bytes).toFixed(2),
 uptime:age(Math.max(0,s.taken_at-s.started_at))};
 U.forEach((u,i)=>{const p="u"+i+"-";f[p+"name"]=u.name;f[p+"type"]=u.type;
 f[p+"state"]=TEXT[u.state]||u.state;

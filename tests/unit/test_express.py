@@ -24,6 +24,7 @@ from gateway.message import (
     ATTR_MQTT_TOPIC,
     QueueMessage,
 )
+from gateway.observability.http import Snapshot, render_metrics, render_page
 from gateway.store import NewMessage, Store
 from gateway.store.db import Destination
 from gateway.store.frames import FROM_MQTT
@@ -279,3 +280,21 @@ async def test_a_message_stored_around_the_lane_is_delivered_at_once(make_rig) -
     await rig.until_open()
     assert await rig.send(("t", b"after")) == [AppendStatus.UPLINKED]
     assert [m.body for _, m in rig.uplink.published] == [b"direct", b"after"]
+
+
+def test_metrics_and_page_show_writes_per_payload_byte_since_ready() -> None:
+    snap = Snapshot(
+        taken_at=0, started_at=0, ingress_connected=True, store_ok=True, store_messages=0,
+        store_bytes=0, store_file_bytes=0, commits=0, commit_seconds_total=0.0, uplinks=[],
+        counters={"acked_without_write": 7, "ingress_payload_bytes": 1000},
+        disk_write_bytes=9_000_400, disk_write_base=9_000_000)  # start-up wrote 9 MB
+    text = render_metrics(snap)
+    assert "openhqm_gateway_acked_without_write_total 7" in text
+    assert "openhqm_gateway_disk_write_bytes_total 9000400" in text
+    assert "openhqm_gateway_disk_written_per_payload_byte 0.4" in text
+    page = render_page(snap, [], [])
+    assert '<td id="without-write">7</td>' in page
+    assert '<td id="written-per-byte">0.40</td>' in page
+    no_proc = dataclasses.replace(snap, disk_write_bytes=None)
+    assert "disk_written_per_payload_byte" not in render_metrics(no_proc)
+    assert '<td id="written-per-byte">-</td>' in render_page(no_proc, [], [])
