@@ -16,8 +16,9 @@ store file size (db + WAL).
 Reported: RSS first/max/last and the slope over the second half (flat = no leak), the
 largest store size against store.max_bytes, end-to-end latency (publish time in the payload
 to arrival at the reader) for messages published while the link was up as p50/p99/max
-(excluded: the first 2 s of the run, the 2 s after each reconnect and the 2 s before each
-cut, i.e. warm-up and catch-up; with ``--flap-seconds 0`` only the first 2 s), catch-up time
+(excluded: the first 2 s of the run; after each reconnect 2 s, or until 0.5 s after the
+catch-up when the backlog took longer to deliver; the 2 s before each cut; i.e. warm-up and
+catch-up; with ``--flap-seconds 0`` only the first 2 s), catch-up time
 after each outage, CPU per message, disk bytes written per payload byte, lost and duplicated,
 and from the daemon's /metrics (at the end, when it has them) the messages acknowledged
 without a store write, offered from memory then stored, and uplinked from memory, the ingress
@@ -82,6 +83,8 @@ MODES = ("stored", "uplinked_or_stored")
 #: seconds of a link-up phase not counted for the online latency: at the start of the run
 #: (warm-up), after each reconnect (catch-up) and before each cut
 SETTLE = 2.0
+#: after a reconnect, latency counts again this long after the backlog was delivered
+CATCH_UP_MARGIN = 0.5
 #: the /metrics counters read at the end of a run (absent before the daemon has them)
 #: (a counter with labels, such as one per uplink, is summed over them)
 METRICS = {"acked_without_write": "openhqm_gateway_acked_without_write_total",
@@ -338,22 +341,26 @@ def summarize(args: argparse.Namespace, ack_when: str, obs: Observed) -> dict[st
     duration = args.minutes * 60
     bounds = [(t0, phases[i + 1][0] if i + 1 < len(phases) else duration, up)
               for i, (t0, up) in enumerate(phases)]
-    # online: SETTLE s after the start and after each reconnect, SETTLE s before each cut
+    catch_up = []
+    settle_after: dict[int, float] = {0: SETTLE}  # phase index -> seconds excluded after it began
+    for i, (t0, _, up) in enumerate(bounds):
+        if up and i:  # first arrival of a message published after the link came back
+            firsts = [t_arr - started - t0 for t_pub, t_arr, _ in reader.arrivals
+                      if t_pub - started >= t0]
+            if firsts:
+                catch_up.append(round(min(firsts), 1))
+            # what was published before the backlog was delivered waited behind it
+            settle_after[i] = max(SETTLE, min(firsts, default=0.0) + CATCH_UP_MARGIN)
+    # online: SETTLE s after the start; after each reconnect SETTLE s or until the backlog was
+    # delivered (catch-up + CATCH_UP_MARGIN), whichever is longer; SETTLE s before each cut
     # (the last phase ends with the run, not with a cut: nothing excluded there)
-    windows = [(t0 + SETTLE, t1 - SETTLE if i + 1 < len(bounds) else t1)
+    windows = [(t0 + settle_after.get(i, SETTLE), t1 - SETTLE if i + 1 < len(bounds) else t1)
                for i, (t0, t1, up) in enumerate(bounds) if up]
     online: list[float] = []
     for t_pub, t_arr, _ in reader.arrivals:
         offset = t_pub - started
         if any(w0 <= offset <= w1 for w0, w1 in windows):
             online.append((t_arr - t_pub) * 1000)
-    catch_up = []
-    for t0, _, up in bounds[1:]:
-        if up:  # first arrival of a message published after the link came back
-            firsts = [t_arr - started - t0 for t_pub, t_arr, _ in reader.arrivals
-                      if t_pub - started >= t0]
-            if firsts:
-                catch_up.append(round(min(firsts), 1))
     half = [s for s in samples if s["t"] >= duration / 2]
     rss_slope = ((half[-1]["rss_mb"] - half[0]["rss_mb"]) / ((half[-1]["t"] - half[0]["t"]) / 60)
                  if len(half) > 1 else 0.0)
@@ -394,8 +401,9 @@ def summarize(args: argparse.Namespace, ack_when: str, obs: Observed) -> dict[st
 
 def latency_excludes(flap_seconds: float) -> str:
     if flap_seconds > 0:
-        return (f"messages published in the first {SETTLE:g} s, in the {SETTLE:g} s after "
-                f"each reconnect and the {SETTLE:g} s before each cut, and during outages")
+        return (f"messages published in the first {SETTLE:g} s, after each reconnect for "
+                f"{SETTLE:g} s or until {CATCH_UP_MARGIN:g} s after the catch-up (whichever is "
+                f"longer), in the {SETTLE:g} s before each cut, and during outages")
     return f"messages published in the first {SETTLE:g} s (warm-up)"
 
 
