@@ -36,7 +36,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
-from gateway.message import QueueMessage, new_message_ids
+from gateway.message import new_message_ids
 from gateway.store.appending import full_attributes
 from gateway.store.records import AppendOutcome, AppendStatus, NewMessage, StoredMessage
 from gateway.store.store import Store
@@ -66,7 +66,9 @@ class Offer:
     ticket: Ticket
     lane: Lane
     indexes: list[int]
-    messages: list[QueueMessage]
+    messages: list[StoredMessage]
+    #: the indexes the lane's uplink accepted
+    accepted: list[int] = field(default_factory=list)
 
 
 @dataclass(eq=False)
@@ -152,9 +154,10 @@ class Ticket:
         self.waiting = [len(r) for r in routes]
         self.left = len(messages)
         self.offers: list[Offer] = []
-        #: per offer: the indexes its uplink accepted
-        self.accepted: dict[int, list[int]] = {}
         self.storing = False
+        #: the indexes stored (once ``storing``), and whether their append committed
+        self._stored_at: frozenset[int] = frozenset()
+        self._stored_ok = True
         loop = asyncio.get_running_loop()
         self.future: asyncio.Future[list[AppendOutcome]] = loop.create_future()
         self._timer = loop.call_later(deadline, self.store_now)
@@ -163,14 +166,13 @@ class Ticket:
         """``offer``'s uplink accepted these of its messages."""
         done = 0
         waiting = self.waiting
-        mine = self.accepted.setdefault(id(offer), [])
         for i in indexes:
-            mine.append(i)
+            offer.accepted.append(i)
             waiting[i] -= 1
             if waiting[i] == 0:
                 done += 1
         if self.storing:
-            self._preack(offer, mine)
+            self._preack(offer)
             return
         self.left -= done
         if self.left == 0:
@@ -179,17 +181,15 @@ class Ticket:
             if not self.future.done():
                 self.future.set_result([UPLINKED] * len(self.messages))
 
-    def _preack(self, offer: Offer, indexes: list[int]) -> None:
-        """Accepted after the batch was stored: the stored copies of these are delivered."""
+    def _preack(self, offer: Offer) -> None:
+        """The batch is stored: the stored copies of what ``offer``'s uplink accepted are
+        delivered."""
         if self.future.done() and not self._stored_ok:
             return  # the append failed: no stored copy exists, the broker sends them again
         ids = offer.lane.preacked
-        for i in indexes:
+        for i in offer.accepted:
             if i in self._stored_at:
                 ids.add(self.messages[i].id)
-
-    _stored_at: frozenset[int] = frozenset()
-    _stored_ok = True
 
     def store_now(self) -> None:
         """Store the messages not yet accepted by all their uplinks; resolve after the
@@ -211,13 +211,11 @@ class Ticket:
         except Exception as exc:  # the store is closed
             committed = asyncio.get_running_loop().create_future()
             committed.set_exception(exc)
-        lanes = {lane for i in keep for lane in self.routes[i]}
+        lanes = {lane for r in {self.routes[i] for i in keep} for lane in r}
         for lane in lanes:
             lane.stored()
         for offer in self.offers:
-            accepted = self.accepted.get(id(offer))
-            if accepted:
-                self._preack(offer, accepted)
+            self._preack(offer)
         self.express.stored_after_offer += len(keep)
         task = asyncio.ensure_future(self._append(committed, keep, lanes))
         self.express.tasks.add(task)
@@ -281,7 +279,7 @@ class Express:
         routes = [self.routes(m.topic) for m in messages]
         if self._express(messages, routes):
             return await self._offer(messages, routes)
-        lanes = {lane for r in routes for lane in r}
+        lanes = {lane for r in set(routes) for lane in r}  # routes are cached: few distinct
         for lane in lanes:
             lane.stored()
         try:
@@ -292,16 +290,15 @@ class Express:
 
     @staticmethod
     def _express(messages: list[NewMessage], routes: list[tuple[Lane, ...]]) -> bool:
-        for m, r in zip(messages, routes, strict=True):
-            if (not r or m.dead_letter_reason is not None or m.delay_seconds > 0 or m.priority
-                    or not all(lane.takes_offers for lane in r)):
-                return False
-        return True
+        if any(m.dead_letter_reason is not None or m.delay_seconds > 0 or m.priority
+               for m in messages):
+            return False
+        return all(r and all(lane.takes_offers for lane in r) for r in set(routes))
 
     async def _offer(self, messages: list[NewMessage],
                      routes: list[tuple[Lane, ...]]) -> list[AppendOutcome]:
         ids = new_message_ids(len(messages), messages[0].received_at)
-        shares: dict[Lane, tuple[list[int], list[QueueMessage]]] = {}
+        shares: dict[Lane, tuple[list[int], list[StoredMessage]]] = {}
         stamp = self.stamp
         for i, (m, r) in enumerate(zip(messages, routes, strict=True)):
             m.id = ids[i]

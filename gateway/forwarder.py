@@ -46,7 +46,7 @@ from typing import TypeVar
 from gateway.aio import Interrupted, wait_event
 from gateway.config import Config, ForwarderConfig
 from gateway.errors import ConfigError, QueueError, RetryableError, StoreError, UplinkUnavailable
-from gateway.express import Lane, LaneState, Offer
+from gateway.express import Lane, LaneState
 from gateway.linkstate import CONNECT_NOTICE, UplinkState, is_programming_error
 from gateway.message import QueueMessage
 from gateway.queue.interface import MessageQueueInterface, PublishResult
@@ -330,43 +330,29 @@ class Forwarder:
         lane = self.lane
         started = time.monotonic()
         offers = lane.take(self.cfg.batch_size)
-        flat: list[tuple[Offer, int, QueueMessage]] = [
-            (o, i, m) for o in offers for i, m in zip(o.indexes, o.messages, strict=True)]
-        groups: dict[str, list[int]] = {}
-        if self.cfg.routes:
-            for p, (_, _, m) in enumerate(flat):
-                groups.setdefault(self.destination(m.topic), []).append(p)
-        else:
-            groups[self.default_destination] = list(range(len(flat)))
-        ok = [False] * len(flat)
-        failed = False
+        accepted: set[int] = set()  # id() of the messages the uplink accepted
         unavailable: UplinkUnavailable | None = None
-        for destination, positions in groups.items():
+        for destination, group in self._group([m for o in offers for m in o.messages]):
             if unavailable is not None:
-                failed = True
                 break
-            results = await self._publish(destination, [flat[p][2] for p in positions])
-            for p, result in zip(positions, results, strict=True):
-                error = result.error
-                if error is None:
-                    ok[p] = True
-                    continue
-                failed = True
-                if isinstance(error, UplinkUnavailable):
-                    unavailable = unavailable or error
-                kind = type(error).__name__
-                self.stats.errors_by_kind[kind] = self.stats.errors_by_kind.get(kind, 0) + 1
-        accepted: dict[int, list[int]] = {}
-        for p, (offer, i, _) in enumerate(flat):
-            if ok[p]:
-                accepted.setdefault(id(offer), []).append(i)
+            results = await self._publish(destination, queue_messages(group))
+            for msg, result in zip(group, results, strict=True):
+                if result.error is None:
+                    accepted.add(id(msg))
+                elif isinstance(result.error, UplinkUnavailable):
+                    unavailable = unavailable or result.error
+                self._count_error(result.error)
+        failed = False
         for offer in offers:
-            offer.ticket.accept(offer, accepted.get(id(offer), ()))
+            took = [i for i, m in zip(offer.indexes, offer.messages, strict=True)
+                    if id(m) in accepted]
+            failed = failed or len(took) < len(offer.indexes)
+            offer.ticket.accept(offer, took)
         if failed:  # what was not accepted goes the stored way, and so does what follows
             lane.close()
             for offer in offers:
                 offer.ticket.store_now()
-        n = sum(ok)
+        n = len(accepted)
         self.stats.batches += 1
         if n:
             self.stats.delivered += n
@@ -533,10 +519,13 @@ class Forwarder:
                 settlement.retry.append((msg.seq, delay, str(error)))
             else:
                 settlement.dead.append((msg.seq, f"{type(error).__name__}: {error}"))
-            if error is not None:
-                kind = type(error).__name__
-                self.stats.errors_by_kind[kind] = self.stats.errors_by_kind.get(kind, 0) + 1
+            self._count_error(error)
         return unavailable
+
+    def _count_error(self, error: QueueError | None) -> None:
+        if error is not None:
+            kind = type(error).__name__
+            self.stats.errors_by_kind[kind] = self.stats.errors_by_kind.get(kind, 0) + 1
 
     def _account(self, s: Settlement, preacked: int = 0) -> None:
         """Count a settlement; ``preacked`` of its deliveries were counted when the uplink
