@@ -6,8 +6,13 @@
 1. **Read-and-free.** ``--messages`` 80-byte sensor readings (JSON, 10 topics) are appended in
    commits of 2,000, then drained by ``StoreDb.lease`` + ``settle(delivered)`` in batches of
    ``--read-batch`` until empty, the cursors written and the segments freed as the daemon does.
-   Reference in the same run: the statements format 1 had to run for the same messages (SELECT
-   the next rows in delivery order, DELETE them), with no Python objects around them.
+   References in the same run: the statements format 1 had to run for the same messages (SELECT
+   the next rows in delivery order, DELETE them), with no Python objects around them; and the
+   **Python floor**: for the same payloads held in memory in blocks of ``--read-batch``, one
+   payload slice and one six-field slotted object per record, nothing read, decoded, counted or
+   freed. Any store that hands a consumer one Python object per message pays at least that, so
+   it bounds read-and-free on the machine and day of the run (it moved 1.7x between two days
+   on the same VM).
 2. **Offline backlog.** In a fresh process, ``--messages`` readings are stored through the async
    ``Store`` at full speed (group commit, ``durability: full``) as an ingress would while the
    uplink is down; bytes written to disk (``/proc/self/io`` write_bytes, which counts what
@@ -160,6 +165,45 @@ def v1_floor(path: str, n: int, batch: int) -> dict[str, float]:
     return {"messages": got, "seconds": seconds, "rate": got / seconds}
 
 
+class _Handed:
+    """The least a handed-out message can be: its seq, topic, payload, where it came from,
+    its index there and its lease deadline (StoredMessage has these six and two caches)."""
+
+    __slots__ = ("frame", "index", "payload", "seq", "topic", "until")
+
+    def __init__(self, seq: int, topic: str, payload: bytes, frame: object, index: int,  # noqa: PLR0917
+                 until: float) -> None:
+        self.seq = seq
+        self.topic = topic
+        self.payload = payload
+        self.frame = frame
+        self.index = index
+        self.until = until
+
+
+def python_floor(n: int, batch: int) -> dict[str, float]:
+    """One payload slice and one ``_Handed`` per record, from blocks of ``batch`` payloads
+    already in memory: what handing out one Python object per message costs at the least."""
+    blocks = []
+    for start in range(0, n, batch):
+        payloads = [m.payload for m in readings(min(batch, n - start), start)]
+        offsets = [0]
+        for p in payloads:
+            offsets.append(offsets[-1] + len(p))
+        topics = [f"sensors/dev-{i % TOPICS}/telemetry" for i in range(start, start + len(payloads))]
+        blocks.append((start, b"".join(payloads), offsets, topics))
+    started = time.perf_counter()
+    got = 0
+    until = time.monotonic() + 60
+    for first, body, offsets, topics in blocks:
+        handed = [_Handed(first + k, topics[k], body[offsets[k]:offsets[k + 1]], body, k, until)
+                  for k in range(len(topics))]
+        got += len(handed)
+    seconds = time.perf_counter() - started
+    assert got == n, (got, n)
+    return {"messages": got, "seconds": seconds, "rate": got / seconds}
+
+
 # -- 2: offline backlog (child processes) ----------------------------------------------------
 
 
@@ -240,13 +284,20 @@ def main() -> None:
         return
     results: dict[str, Any] = {"messages": args.messages, "compression": args.compression}
     with tempfile.TemporaryDirectory(prefix="store-bench-") as tmp:
+        floors = [python_floor(args.messages, args.read_batch)]
         ref = v1_floor(os.path.join(tmp, "v1.db"), args.messages, args.read_batch)
         print(f"format 1 floor (SELECT + DELETE, no Python objects): {ref['rate']:,.0f} msg/s")
         rf = read_and_free(os.path.join(tmp, "rf.db"), args.messages, args.compression,
                            args.read_batch)
         print(f"read-and-free, format 2 (lease + settle + cursor + free): {rf['rate']:,.0f} msg/s"
               f" ({rf['rate'] / ref['rate']:.1f}x the format 1 floor)")
-        results["v1_floor"], results["read_and_free"] = ref, rf
+        floors += [python_floor(args.messages, args.read_batch) for _ in range(2)]
+        py = sorted(floors, key=lambda f: f["rate"])[1]  # the median of before, after, after
+        print(f"Python floor (a payload slice and a 6-field object per record, in memory, "
+              f"median of 3): {py['rate']:,.0f} msg/s (runs: "
+              f"{', '.join(format(f['rate'], ',.0f') for f in floors)}); "
+              f"read-and-free is {rf['rate'] / py['rate']:.2f} of it")
+        results["v1_floor"], results["read_and_free"], results["python_floor"] = ref, rf, py
         if not args.skip_backlog:
             path = os.path.join(tmp, "backlog.db")
             stored = run_child("store", path, args)
