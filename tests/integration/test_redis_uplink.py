@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 import orjson
 import pytest
 import redis.asyncio as aioredis
+from redis.asyncio.connection import Connection as AsyncConnection
 
 from gateway.config import parse_config
 from gateway.errors import MessageRejected, NotSupportedError, PermanentError, UplinkUnavailable
@@ -107,17 +108,18 @@ async def test_entry_layout_is_the_documented_one(redis: ServerProcess,
 async def test_publish_batch_is_one_pipeline_in_input_order(
         redis: ServerProcess, raw: aioredis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
     async with uplink(redis) as q:
-        pipelines: list[bool] = []
-        real_pipeline = q.client.pipeline
+        writes: list[int] = []
+        real_send = AsyncConnection.send_packed_command
 
-        def counting_pipeline(transaction: bool = True) -> Any:
-            pipelines.append(transaction)
-            return real_pipeline(transaction=transaction)
+        async def counting_send(conn: AsyncConnection, command: Any, check_health: bool = True,
+                                ) -> None:
+            writes.append(sum(bytes(part).count(b"$4\r\nXADD\r\n") for part in command))
+            await real_send(conn, command, check_health)
 
-        monkeypatch.setattr(q.client, "pipeline", counting_pipeline)
+        monkeypatch.setattr(AsyncConnection, "send_packed_command", counting_send)
         batch = batch_of(500)
         results = await within(q.publish_batch(STREAM, batch))
-    assert pipelines == [False]
+    assert writes == [500]  # one write carries the whole batch: one round trip
     assert all(r.ok for r in results)
     assert [r.message_id for r in results] == [m.id for m in batch]
     entries = await raw.xrange(STREAM)

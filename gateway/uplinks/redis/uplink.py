@@ -49,10 +49,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
+import math
 import socket
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Self
 
@@ -77,6 +79,14 @@ from gateway.message import Body, QueueMessage, encode_body, new_message_id
 from gateway.queue.inflight import InFlight
 from gateway.queue.interface import Handler, MessageQueueInterface, PublishResult
 from gateway.uplinks.redis.settings import RedisSettings
+
+_hiredis_pack: Callable[[tuple[Any, ...]], bytes] | None
+try:  # the redis extra installs it; without it the connection's Python packer is used
+    import hiredis
+
+    _hiredis_pack = hiredis.pack_command
+except ImportError:  # pragma: no cover - depends on the installation
+    _hiredis_pack = None
 
 if TYPE_CHECKING:
     from gateway.config import Config
@@ -280,12 +290,22 @@ class RedisStreamsQueue(MessageQueueInterface):
     async def publish_batch(
         self, queue_name: str, messages: Sequence[QueueMessage]
     ) -> list[PublishResult]:
-        """One pipelined round trip of XADDs; each reply is that message's outcome."""
+        """One pipelined round trip of XADDs; each reply is that message's outcome.
+
+        Sent on a pooled connection of the client rather than through redis-py's pipeline
+        object, which cost ~55 us of CPU per message here (every argument encoded in Python,
+        an asyncio timeout and five calls per reply): the commands are packed by hiredis
+        when it is installed (the ``redis`` extra installs it) and one timeout,
+        ``redis_socket_timeout``, bounds the whole round trip (~10 us per message)."""
         try:
-            pipe = self.client.pipeline(transaction=False)
+            client = self.client
         except UplinkUnavailable as exc:
             return [PublishResult(m.id, exc) for m in messages]
+        head: tuple[EncodableT, ...] = (b"XADD", queue_name, b"*")
+        if self._maxlen is not None:
+            head = (b"XADD", queue_name, b"MAXLEN", b"~", self._maxlen, b"*")
         now = time.time()
+        commands: list[tuple[EncodableT, ...]] = []
         errors: list[QueueError | None] = []
         for msg in messages:
             try:
@@ -294,10 +314,10 @@ class RedisStreamsQueue(MessageQueueInterface):
                 errors.append(exc)
                 continue
             errors.append(None)
-            pipe.xadd(queue_name, fields, maxlen=self._maxlen, approximate=True)
+            commands.append((*head, *itertools.chain.from_iterable(fields.items())))
         try:
             with _boundary("publish_batch"):
-                replies = iter(await pipe.execute(raise_on_error=False))
+                replies = iter(await self._pipeline(client, commands))
         except QueueError as batch_error:
             # Nothing of a broken pipeline can be trusted: every message is retried later.
             return [PublishResult(m.id, batch_error) for m in messages]
@@ -310,6 +330,38 @@ class RedisStreamsQueue(MessageQueueInterface):
                     error = translate(reply, "publish", per_message=True)
             results.append(PublishResult(msg.id, error))
         return results
+
+    async def _pipeline(self, client: aioredis.Redis,
+                        commands: list[tuple[EncodableT, ...]]) -> list[Any]:
+        """Send ``commands`` in one write on a pooled connection and read a reply each: the
+        server's answer, or the error it returned for that command. A pooled connection the
+        server closed since its last use (a restart) is retried once on a fresh one, as the
+        client's own commands are (``connect``); what was sent is sent again (at least once,
+        with the same ids). Any other failure closes the connection, so no late reply is
+        read as another command's."""
+        if not commands:
+            return []
+        pool = client.connection_pool
+        timeout = self.settings.redis_socket_timeout
+        for attempt in (1, 2):
+            conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+            try:
+                packed = _pack_commands(conn, commands)
+                async with asyncio.timeout(timeout):
+                    await conn.send_packed_command(packed, check_health=False)
+                    return [await _reply(conn) for _ in commands]
+            except rexc.ConnectionError:
+                await conn.disconnect()
+                if attempt == 2:
+                    raise
+            except TimeoutError:
+                await conn.disconnect()
+                raise UplinkUnavailable(
+                    f"publish_batch: no reply within queue.redis_socket_timeout ({timeout:g}s)",
+                    backend=BACKEND, code="TimeoutError") from None
+            finally:
+                await pool.release(conn)
+        raise AssertionError("unreachable")
 
     # -- consuming --------------------------------------------------------------------
 
@@ -554,6 +606,23 @@ def _entry_fields(message_id: str, body: bytes, attributes: dict[str, str], time
                               backend=BACKEND) from None
     return {"id": message_id, "body": body, "attributes": encoded,
             "timestamp": repr(timestamp), "priority": str(priority)}
+
+
+def _pack_commands(conn: Any, commands: list[tuple[EncodableT, ...]]) -> list[bytes]:
+    """The commands in the Redis protocol: packed by hiredis in C when it is installed,
+    else by the connection (redis-py's Python encoder)."""
+    if _hiredis_pack is not None:
+        return [b"".join(map(_hiredis_pack, commands))]
+    return list(conn.pack_commands(commands))
+
+
+async def _reply(conn: Any) -> Any:
+    """The next reply on ``conn``; an error reply is returned, not raised (it is that one
+    command's outcome). No timeout of its own: the caller bounds the whole round trip."""
+    try:
+        return await conn.read_response(disable_decoding=True, timeout=math.inf)
+    except rexc.ResponseError as exc:
+        return exc
 
 
 def _entries(reply: Any) -> list[Entry]:
