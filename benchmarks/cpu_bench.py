@@ -1,6 +1,7 @@
 """CPU per message at a steady rate: the gateway daemon against the client libraries alone.
 
     python benchmarks/cpu_bench.py [--rate 1000] [--seconds 60] [--commit-interval-ms 20]
+                                   [--linger 0 [0.25 ...]]
 
 A private mosquitto and redis-server start on free loopback ports. A paho publisher sends
 ``--rate`` QoS 1 sensor readings per second (~75 bytes of JSON, 10 topics, in 10 ms slices,
@@ -8,7 +9,8 @@ as ``soak_bench.py`` does) for ``--seconds``, three times, each to one consumer 
 CPU (utime + stime from /proc) is measured from its first to its last message:
 
 1. **gateway**: the daemon (``python -m gateway run``, ``durability: full``, the Redis uplink
-   with its default settings), MQTT in -> store -> XADD.
+   with its default settings), MQTT in -> store -> XADD. Once per ``--linger`` value
+   (``forwarder.linger``, seconds; default 0 only), each against the first.
 2. **clients floor**: a Python process with the same two client libraries and nothing else:
    paho subscribes (QoS 1, MQTT 5, acknowledges on receipt), and every commit interval the
    messages received are XADDed to Redis with redis-py's asyncio pipeline, with the fields the
@@ -161,12 +163,15 @@ def run_floor(args: argparse.Namespace, mqtt_port: int, redis_port: int, forward
     return result["cpu_s"] / result["messages"] * 1e6
 
 
-def run_gateway(args: argparse.Namespace, tmp: Path, mqtt_port: int, redis_port: int) -> float:
+def run_gateway(args: argparse.Namespace, tmp: Path, mqtt_port: int, redis_port: int,
+                linger: float) -> float:
+    tmp.mkdir(parents=True, exist_ok=True)
     root = f"cpu/{uuid.uuid4().hex[:6]}"
     queue = {"type": "redis", "redis_url": f"redis://127.0.0.1:{redis_port}/0",
              "request_queue_name": STREAM}
     config = gateway_config(tmp, mqtt_port, root, queue, logging={"level": "INFO"},
-                            store={"commit_interval_ms": args.commit_interval_ms})
+                            store={"commit_interval_ms": args.commit_interval_ms},
+                            forwarder={"linger": linger})
     gw = GatewayProcess(config, tmp)
     gw.start()
     assert gw.proc is not None
@@ -186,6 +191,8 @@ def main() -> None:
     ap.add_argument("--rate", type=int, default=1000)
     ap.add_argument("--seconds", type=float, default=60)
     ap.add_argument("--commit-interval-ms", type=int, default=20)
+    ap.add_argument("--linger", type=float, nargs="+", default=[0.0],
+                    help="forwarder.linger in seconds; several values run the gateway once each")
     ap.add_argument("--floor-child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.floor_child:
@@ -196,7 +203,8 @@ def main() -> None:
     broker.start()
     redis.start()
     try:
-        gateway = run_gateway(args, tmp, broker.port, redis.port)
+        gateways = {linger: run_gateway(args, tmp / f"gw-{i}", broker.port, redis.port, linger)
+                    for i, linger in enumerate(args.linger)}
         clients = run_floor(args, broker.port, redis.port, forward=True)
         mqtt_only = run_floor(args, broker.port, redis.port, forward=False)
     finally:
@@ -204,9 +212,13 @@ def main() -> None:
         redis.stop()
     print(f"{args.rate} msg/s of ~75-byte readings over {TOPICS} topics for {args.seconds:g} s, "
           f"commit interval {args.commit_interval_ms} ms; CPU per message:")
-    print(f"  gateway (MQTT -> store -> Redis)   {gateway:7.1f} us")
-    print(f"  clients floor (paho + redis-py)    {clients:7.1f} us")
-    print(f"  MQTT alone (paho)                  {mqtt_only:7.1f} us")
+    for linger, cpu in gateways.items():
+        label = "gateway (MQTT -> store -> Redis)" + (f", linger {linger:g} s" if linger else "")
+        print(f"  {label:46s} {cpu:7.1f} us" + (f"  ({cpu / gateways[args.linger[0]]:.2f} of "
+                                                 f"the first)" if linger != args.linger[0] else ""))
+    gateway = gateways[args.linger[0]]
+    print(f"  {'clients floor (paho + redis-py)':46s} {clients:7.1f} us")
+    print(f"  {'MQTT alone (paho)':46s} {mqtt_only:7.1f} us")
     print(f"gateway / clients floor: {gateway / clients:.2f}; gateway minus floor: "
           f"{gateway - clients:+.1f} us (store, forwarder and daemon, less what the gateway's own "
           f"MQTT codec saves against paho)")

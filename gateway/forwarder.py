@@ -25,6 +25,9 @@ Promises:
   finishes under the settings it was leased with.
 - What the operator reads about the uplink (one line per change of state, defects of the
   uplink's code told apart from outages) is gateway/linkstate.py.
+- ``forwarder.linger``: while the forwarder keeps up (its last batch was not full), it waits
+  that long after something became ready before it leases, so batches fill; a backlog is
+  drained without waiting, and express offers (below) never wait for it.
 - Write-avoidance (``ack_when: uplinked_or_stored``, gateway/express.py): the forwarder owns
   its uplink's express lane. It moves the lane CLOSED -> OPENING when a drain left the store
   empty for it, OPENING -> OPEN once the stored-way appends routed to it committed and the
@@ -201,6 +204,9 @@ class Forwarder:
                     # nothing was left behind the batch when it was leased: what committed
                     # since has set the store's event, so this returns at once for it
                     await self._sleep_until_ready()
+                    if self.cfg.linger > 0:
+                        # keeping up: let the next batch fill for a while (forwarder.linger)
+                        await self._sleep_or_stop(self.cfg.linger)
         finally:
             self.lane.close()
             await self.flush()

@@ -4,6 +4,7 @@ given and fails on command. It is a test double for *our* interface, not for a s
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -17,6 +18,8 @@ class StubUplink(MessageQueueInterface):
 
     def __init__(self) -> None:
         self.published: list[tuple[str, QueueMessage]] = []
+        #: (monotonic time, size) of each publish_batch call that was not refused as down
+        self.calls: list[tuple[float, int]] = []
         self.down = False
         self.connects = 0
         #: returns an error for a message, or None to accept it
@@ -50,6 +53,7 @@ class StubUplink(MessageQueueInterface):
         if self.down:
             error = UplinkUnavailable("stub is down", backend="stub")
             return [PublishResult(m.id, error) for m in messages]
+        self.calls.append((time.monotonic(), len(messages)))
         results = []
         for m in messages:
             error = self.fail(m)

@@ -112,6 +112,13 @@ def test_env_overrides_file_and_units(tmp_path: Path) -> None:
     assert cfg.store.max_age == 90 * 60
 
 
+def test_forwarder_linger_takes_a_duration(tmp_path: Path) -> None:
+    path = write(tmp_path, "forwarder:\n  linger: 250ms\n")
+    assert load_config(path, {}).forwarder.linger == 0.25
+    assert load_config(path, {"OPENHQM_FORWARDER__LINGER": "2s"}).forwarder.linger == 2.0
+    assert load_config(write(tmp_path, "forwarder: {}\n"), {}).forwarder.linger == 0.0
+
+
 @pytest.mark.parametrize(("text", "key", "fragment"), [
     ("ingress:\n  prot: 5\n", "ingress.prot", "unknown key"),
     ("ingress:\n  port: abc\n", "ingress.port", "whole number"),
@@ -123,6 +130,7 @@ def test_env_overrides_file_and_units(tmp_path: Path) -> None:
     ("bogus: 1\n", "bogus", "unknown section"),
     ("store:\n  max_age: soon\n", "store.max_age", "duration"),
     ("forwarder:\n  max_batch_bytes: 0\n", "forwarder.max_batch_bytes", "at least 1 byte"),
+    ("forwarder:\n  linger: -1\n", "forwarder.linger", "must not be negative"),
 ])
 def test_bad_config_names_key_value_and_file(tmp_path: Path, text: str, key: str, fragment: str) -> None:
     path = write(tmp_path, text)

@@ -215,3 +215,54 @@ async def test_a_replacement_carries_the_counters_on(tmp_path: Path) -> None:
     assert second.stats.delivered == 5 and second.stats.state == "connecting"
     assert second._probe  # the link was down: the new one probes with one message first
     await store.close()
+
+
+async def _trickle(store: Store, n: int, every: float) -> float:
+    """Append ``n`` messages one at a time, ``every`` seconds apart; returns when the first was
+    appended (monotonic)."""
+    first = time.monotonic()
+    for i in range(n):
+        await store.append(UPLINK_QUEUE, [NewMessage(new_message_id(), "t", b"%d" % i,
+                                                     {ATTR_MQTT_TOPIC: "t"}, time.time())])
+        await asyncio.sleep(every)
+    return first
+
+
+@pytest.mark.parametrize("linger", [0.0, 0.4])
+async def test_linger_gathers_a_trickle_into_fewer_batches(tmp_path: Path, linger: float) -> None:
+    """While the forwarder keeps up, forwarder.linger lets a trickle gather: 10 messages 30 ms
+    apart go in one or two batches instead of about one each, the first no sooner than the
+    linger after it was stored."""
+    store = await filled_store(tmp_path / "s.db", [])
+    uplink = StubUplink()
+    fwd = Forwarder(store, uplink, make_config(linger=linger))
+    task = asyncio.create_task(fwd.run())
+    await asyncio.sleep(0.1)  # connected, found the store empty, waiting
+    first = await _trickle(store, 10, 0.03)
+    await published(uplink, 10)
+    fwd.stop()
+    await task
+    assert uplink.bodies() == [b"%d" % i for i in range(10)]
+    if linger:
+        assert len(uplink.calls) <= 2, uplink.calls
+        assert uplink.calls[0][0] - first >= linger - 0.05
+    else:
+        assert len(uplink.calls) >= 5, uplink.calls
+    await store.close()
+
+
+async def test_linger_never_holds_a_backlog_back(tmp_path: Path) -> None:
+    """Full batches go one after the other: a backlog of three batches is drained long before
+    a 2 s linger would have passed once."""
+    store = await filled_store(tmp_path / "s.db", [("t", b"%d" % i) for i in range(30)])
+    uplink = StubUplink()
+    fwd = Forwarder(store, uplink, make_config(batch_size=10, linger=2.0))
+    started = time.monotonic()
+    task = asyncio.create_task(fwd.run())
+    await published(uplink, 30)
+    elapsed = time.monotonic() - started
+    fwd.stop()
+    await task
+    assert len(uplink.published) == 30
+    assert elapsed < 1.0
+    await store.close()
