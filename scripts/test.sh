@@ -22,5 +22,7 @@ echo "==> mypy"
 echo "==> pytest"
 # Two workers, a test file each at a time (a file's servers and fixtures stay on one worker):
 # most tests wait on servers and outages, so this halves the wall time on 2 cores.
-# TEST_WORKERS=0 runs everything in this process.
-.venv/bin/python -m pytest -q -p no:cacheprovider -n "${TEST_WORKERS:-2}" --dist loadfile "$@"
+# TEST_WORKERS=0 runs everything in this process. The 20 slowest tests are listed at the end
+# (what to look at when the run grows).
+.venv/bin/python -m pytest -q -p no:cacheprovider -n "${TEST_WORKERS:-2}" --dist loadfile \
+  --durations=20 "$@"
