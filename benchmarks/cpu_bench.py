@@ -212,11 +212,11 @@ def main() -> None:
         redis.stop()
     print(f"{args.rate} msg/s of ~75-byte readings over {TOPICS} topics for {args.seconds:g} s, "
           f"commit interval {args.commit_interval_ms} ms; CPU per message:")
+    gateway = gateways[args.linger[0]]
     for linger, cpu in gateways.items():
         label = "gateway (MQTT -> store -> Redis)" + (f", linger {linger:g} s" if linger else "")
-        print(f"  {label:46s} {cpu:7.1f} us" + (f"  ({cpu / gateways[args.linger[0]]:.2f} of "
-                                                 f"the first)" if linger != args.linger[0] else ""))
-    gateway = gateways[args.linger[0]]
+        against = f"  ({cpu / gateway:.2f} of the first)" if linger != args.linger[0] else ""
+        print(f"  {label:46s} {cpu:7.1f} us{against}")
     print(f"  {'clients floor (paho + redis-py)':46s} {clients:7.1f} us")
     print(f"  {'MQTT alone (paho)':46s} {mqtt_only:7.1f} us")
     print(f"gateway / clients floor: {gateway / clients:.2f}; gateway minus floor: "
